@@ -1,0 +1,38 @@
+# `make demo` and `make test` set up .venv themselves (once) and then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: setup test test-all demo toydata toy-prior clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+toydata: $(STAMP)
+	$(PY) cli.py toydata --out data/toy
+
+# The toy diffusion prior (SD folder layout) in runs/prior/toy; see configs/prior/toy.yaml.
+toy-prior: $(STAMP)
+	test -d data/toy || $(PY) cli.py toydata --out data/toy
+	$(PY) cli.py fit -c configs/prior/toy.yaml
+
+demo: $(STAMP)
+	$(PY) cli.py toydata --out data/toy
+	$(PY) cli.py fit -c configs/teacher/toy_convnet.yaml
+
+clean:
+	rm -rf runs lightning_logs data/toy

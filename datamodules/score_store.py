@@ -1,0 +1,281 @@
+"""The score store: what Stage I writes once per dataset and Stage II reads for every IPC and class subset.
+
+Layout of a store directory::
+
+    manifest.json            format name + version, the scoring settings, data description, class mapping
+    shards/rank{R}-{S}.parquet   one row per (image, kept patch), written atomically, S counts up per rank
+
+Row columns (Parquet, readable with ``pyarrow.parquet.read_table`` alone):
+
+    image_id   string   id of the image in its split (path relative to the split folder, or "cifar10/train/7")
+    label      int32    class index in the manifest's class mapping
+    width, height int32 original image size in pixels
+    patch      int16    rank of the patch inside its image (0 = best)
+    box        int32[4] x0, y0, x1, y1 of the patch in ORIGINAL image pixels (x1, y1 exclusive)
+    score      float32  pooled score of the patch; score = -R(p|c): HIGHER = more class-relevant
+    map_height, map_width int32, score_map list<float16>: the full per-location score map (-R) at latent
+               resolution, row-major, so that another patch size needs no rescoring
+    feature    list<float16>  DIFT vector of the patch (L2-normalised)
+
+A store is versioned (``FORMAT_VERSION``); opening one written with other settings than requested is an
+error (:class:`StoreMismatchError`), never a silent mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_NAME = "patchdd-score-store"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SHARD_DIR = "shards"
+
+SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("label", pa.int32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("patch", pa.int16()),
+    ("box", pa.list_(pa.int32(), 4)),
+    ("score", pa.float32()),
+    ("map_height", pa.int32()),
+    ("map_width", pa.int32()),
+    ("score_map", pa.list_(pa.float16())),
+    ("feature", pa.list_(pa.float16())),
+])
+
+
+class StoreError(ValueError):
+    """A score store that is missing, malformed or of another format version."""
+
+
+class StoreMismatchError(StoreError):
+    """A store written with other settings than the ones requested."""
+
+
+@dataclass
+class PatchTable:
+    """Rows of a store as arrays: one row per (image, kept patch)."""
+
+    image_ids: np.ndarray  # (N,) object (str)
+    labels: np.ndarray  # (N,) int64
+    sizes: np.ndarray  # (N, 2) int64: width, height
+    patch_index: np.ndarray  # (N,) int64
+    boxes: np.ndarray  # (N, 4) int64: x0, y0, x1, y1 in original pixels
+    scores: np.ndarray  # (N,) float32, higher = more class-relevant
+    features: np.ndarray  # (N, D) float32
+    score_maps: list[np.ndarray] = field(default_factory=list)  # N maps (h, w) float32, empty if not loaded
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def select(self, rows: np.ndarray) -> "PatchTable":
+        """The rows at the given positions (or boolean mask), in that order."""
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows
+        maps = [self.score_maps[i] for i in rows] if self.score_maps else []
+        return PatchTable(
+            self.image_ids[rows], self.labels[rows], self.sizes[rows], self.patch_index[rows],
+            self.boxes[rows], self.scores[rows], self.features[rows], maps,
+        )
+
+    def to_arrow(self) -> pa.Table:
+        if self.score_maps and len(self.score_maps) != len(self):
+            raise ValueError("score_maps must hold one map per row")
+        maps = self.score_maps or [np.zeros((0, 0), np.float32)] * len(self)
+        return pa.table({
+            "image_id": pa.array([str(i) for i in self.image_ids], pa.string()),
+            "label": pa.array(self.labels, pa.int32()),
+            "width": pa.array(self.sizes[:, 0], pa.int32()),
+            "height": pa.array(self.sizes[:, 1], pa.int32()),
+            "patch": pa.array(self.patch_index, pa.int16()),
+            "box": pa.array([list(map(int, b)) for b in self.boxes], pa.list_(pa.int32(), 4)),
+            "score": pa.array(self.scores, pa.float32()),
+            "map_height": pa.array([m.shape[0] for m in maps], pa.int32()),
+            "map_width": pa.array([m.shape[1] for m in maps], pa.int32()),
+            "score_map": pa.array([m.astype(np.float16).ravel() for m in maps], pa.list_(pa.float16())),
+            "feature": pa.array(list(self.features.astype(np.float16)), pa.list_(pa.float16())),
+        }, schema=SCHEMA)
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table, with_maps: bool = False) -> "PatchTable":
+        n = table.num_rows
+        features = _list_column(table, "feature", n)
+        maps: list[np.ndarray] = []
+        if with_maps:
+            flat = _list_column(table, "score_map", n)
+            heights = table.column("map_height").to_numpy()
+            widths = table.column("map_width").to_numpy()
+            maps = [np.asarray(m, np.float32).reshape(h, w) for m, h, w in zip(flat, heights, widths)]
+        return cls(
+            image_ids=np.asarray(table.column("image_id").to_pylist(), dtype=object),
+            labels=table.column("label").to_numpy().astype(np.int64),
+            sizes=np.stack([table.column("width").to_numpy(), table.column("height").to_numpy()], 1).astype(np.int64),
+            patch_index=table.column("patch").to_numpy().astype(np.int64),
+            boxes=np.asarray(table.column("box").to_pylist(), dtype=np.int64).reshape(n, 4),
+            scores=table.column("score").to_numpy().astype(np.float32),
+            features=features,
+            score_maps=maps,
+        )
+
+    @classmethod
+    def concat(cls, tables: list["PatchTable"]) -> "PatchTable":
+        names = [f.name for f in fields(cls) if f.name != "score_maps"]
+        joined = {name: np.concatenate([getattr(t, name) for t in tables]) for name in names}
+        return cls(**joined, score_maps=[m for t in tables for m in t.score_maps])
+
+
+def _list_column(table: pa.Table, name: str, n: int) -> np.ndarray | list[np.ndarray]:
+    """A list column as a 2-D float32 array when its rows have equal length, else a list of arrays."""
+    column = table.column(name).combine_chunks()
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.float32)
+    lengths = np.diff(offsets)
+    if n and np.all(lengths == lengths[0]):
+        return values[offsets[0]:offsets[-1]].reshape(n, int(lengths[0]))
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+@dataclass
+class Manifest:
+    """What a store holds and how it was made. ``settings`` decide compatibility; the rest is provenance."""
+
+    settings: dict
+    classes: dict  # ClassMapping.to_json()
+    data: dict  # how to reopen the images: data module class path, init args, split
+    provenance: dict = field(default_factory=dict)  # code version, creation time, ... (not compared)
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "version": self.version, "settings": self.settings,
+                "classes": self.classes, "data": self.data, "provenance": self.provenance}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Manifest":
+        if data.get("format") != FORMAT_NAME:
+            raise StoreError(f"not a {FORMAT_NAME} manifest (format={data.get('format')!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise StoreError(f"store format version {data.get('version')} is not supported (this code reads "
+                             f"version {FORMAT_VERSION}); rescore or use a matching release")
+        return cls(data["settings"], data["classes"], data["data"], data.get("provenance", {}))
+
+
+def settings_difference(stored: dict, requested: dict) -> list[str]:
+    """Human-readable differences between two settings dicts (empty when they agree)."""
+    keys = sorted(set(stored) | set(requested))
+    return [f"{k}: store has {stored.get(k)!r}, requested {requested.get(k)!r}"
+            for k in keys if _plain(stored.get(k)) != _plain(requested.get(k))]
+
+
+def _plain(value):
+    """JSON round trip, so that tuples and lists compare equal."""
+    return json.loads(json.dumps(value))
+
+
+class ScoreStore:
+    """A score store directory: create or check its manifest, append shards, read rows back."""
+
+    def __init__(self, directory: str | Path, manifest: Manifest) -> None:
+        self.directory = Path(directory)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "ScoreStore":
+        """An existing store (complete or partial)."""
+        path = Path(directory) / MANIFEST_FILE
+        if not path.is_file():
+            raise StoreError(f"no score store at {directory} (missing {MANIFEST_FILE})")
+        return cls(directory, Manifest.from_json(json.loads(path.read_text())))
+
+    @classmethod
+    def create_or_check(cls, directory: str | Path, manifest: Manifest) -> "ScoreStore":
+        """Create a store, or reopen an existing one after checking that its settings and classes match."""
+        directory = Path(directory)
+        if (directory / MANIFEST_FILE).is_file():
+            store = cls.open(directory)
+            store.check(manifest.settings, manifest.classes)
+            return store
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / SHARD_DIR).mkdir(exist_ok=True)
+        _atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest.to_json(), indent=1))
+        return cls(directory, manifest)
+
+    def check(self, settings: dict, classes: dict | None = None) -> None:
+        """Raise :class:`StoreMismatchError` when the store was made with other settings (or classes)."""
+        diff = settings_difference(self.manifest.settings, settings)
+        if classes is not None and _plain(classes) != _plain(self.manifest.classes):
+            diff.append("classes: the store's class list differs from the requested one")
+        if diff:
+            raise StoreMismatchError(f"score store {self.directory} was written with other settings:\n  "
+                                     + "\n  ".join(diff))
+
+    def shard_paths(self) -> list[Path]:
+        return sorted((self.directory / SHARD_DIR).glob("*.parquet"))
+
+    def append(self, rows: PatchTable, rank: int = 0) -> Path:
+        """Write ``rows`` as a new shard of ``rank``, atomically (a crash leaves no partial shard)."""
+        shard_dir = self.directory / SHARD_DIR
+        shard_dir.mkdir(exist_ok=True)
+        seq = len(list(shard_dir.glob(f"rank{rank}-*.parquet")))
+        path = shard_dir / f"rank{rank}-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(rows.to_arrow(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def read_arrow(self, columns: list[str] | None = None) -> pa.Table:
+        """All rows, one per (image_id, patch) even if a shard was written twice, sorted by label, image, patch."""
+        paths = self.shard_paths()
+        if not paths:
+            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+        needed = None if columns is None else sorted(set(columns) | {"image_id", "patch", "label"})
+        table = pa.concat_tables([pq.read_table(p, columns=needed) for p in paths])
+        table = _drop_duplicate_rows(table)
+        table = table.sort_by([("label", "ascending"), ("image_id", "ascending"), ("patch", "ascending")])
+        return table if columns is None else table.select(columns)
+
+    def read(self, with_maps: bool = False) -> PatchTable:
+        """All rows as arrays; the score maps (the bulk of a store) only when asked for."""
+        map_columns = ("map_height", "map_width", "score_map")
+        columns = [c for c in SCHEMA.names if with_maps or c not in map_columns]
+        return PatchTable.from_arrow(self.read_arrow(columns), with_maps=with_maps)
+
+    def scored_ids(self) -> set[str]:
+        """Ids of the images that already have rows (used to resume an interrupted pass)."""
+        return set(self.read_arrow(["image_id"]).column("image_id").to_pylist())
+
+    def content_hash(self) -> str:
+        """A hash of the manifest and the shard names and sizes: changes whenever the store's content does."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(self.manifest.to_json(), sort_keys=True).encode())
+        for p in self.shard_paths():
+            digest.update(f"{p.name}:{p.stat().st_size}".encode())
+        return digest.hexdigest()[:16]
+
+
+def _drop_duplicate_rows(table: pa.Table) -> pa.Table:
+    keys = list(zip(table.column("image_id").to_pylist(), table.column("patch").to_pylist()))
+    seen: set = set()
+    keep = []
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return table if len(keep) == len(keys) else table.take(pa.array(keep))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,130 @@
+"""Cross-entropy training of any zoo network on real data: how users make teachers for subsets and CIFAR."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.models import build_model
+
+
+def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Top-1 and top-5 accuracy (top-k capped at the class count), synced across processes under DDP."""
+    return MetricCollection(
+        {
+            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+        },
+        prefix=prefix,
+    )
+
+
+def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum: float,
+                    betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """SGD (Nesterov-free, with momentum) or AdamW."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adamw'")
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Classifier(L.LightningModule):
+    """A zoo network trained with cross-entropy; validation reports top-1 / top-5.
+
+    ``num_classes`` defaults to the data module's class count. The network is ``self.model``, so a
+    checkpoint of this module loads back with ``build_model(name, num_classes, checkpoint=path)``.
+    """
+
+    def __init__(
+        self,
+        model: str = "resnet18",
+        num_classes: int | None = None,
+        pretrained: bool = False,
+        checkpoint: str | None = None,
+        image_size: int | None = None,
+        model_kwargs: dict | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.skipped_images = 0
+        if num_classes is not None:
+            self._build(num_classes)
+
+    def _build(self, num_classes: int) -> None:
+        hp = self.hparams
+        self.model = build_model(hp.model, num_classes, pretrained=hp.pretrained, checkpoint=hp.checkpoint,
+                                 image_size=hp.image_size, **(hp.model_kwargs or {}))
+        self.val_metrics = accuracy_metrics(num_classes, "val/")
+        self.hparams.num_classes = num_classes
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.num_classes is None:
+            datamodule = self.trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "num_classes"):
+                raise ValueError("Classifier needs num_classes, or a data module that reports num_classes")
+            self._build(datamodule.num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        self._count_skipped(batch)
+        if batch.labels.numel() == 0:
+            return None
+        logits = self(batch.images)
+        loss = self.criterion(logits, batch.labels)
+        accuracy = (logits.argmax(1) == batch.labels).float().mean()
+        self.log_dict({"train/loss": loss, "train/top1": accuracy}, prog_bar=True, batch_size=len(batch.labels))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if batch.labels.numel() == 0:
+            return
+        logits = self(batch.images)
+        self.log("val/loss", self.criterion(logits, batch.labels), batch_size=len(batch.labels), sync_dist=True)
+        self.val_metrics.update(logits, batch.labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def _count_skipped(self, batch) -> None:
+        """Unreadable images dropped by the loader are counted and logged, not fatal."""
+        if batch.skipped:
+            self.skipped_images += batch.skipped
+            self.log("data/skipped_images", float(self.skipped_images), reduce_fx="max")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.betas)
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, hp.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,190 @@
+"""The model zoo: one function builds any network by name, with pretrained or local-checkpoint weights.
+
+Names:
+
+* any timm name (``resnet18``, ``resnet50``, ``resnet101``, ``mobilenetv2_100``, ``efficientnet_b0``,
+  ``swin_tiny_patch4_window7_224``, ``vit_base_patch16_224``, ...);
+* torchvision names with the ``tv:`` prefix (``tv:resnet18``, ``tv:mobilenet_v2``, ...);
+* the dataset-distillation ConvNets ``convnet_d3`` / ``convnet_d4`` (``convnet_d{N}`` for any depth N):
+  width 128, instance norm, ReLU, 2x2 average pooling after every block, one linear classifier.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TORCHVISION_PREFIX = "tv:"
+CONVNET_PREFIX = "convnet_d"
+STATE_DICT_PREFIXES = ("model.", "module.", "_orig_mod.", "student.", "teacher.", "net.")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be obtained (no network, no local file)."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose tensors do not fit the architecture it is loaded into."""
+
+
+class ConvNet(nn.Module):
+    """The ConvNet of the dataset-distillation literature (DC / DSA / DM / MTT): depth x [conv-norm-relu-pool]."""
+
+    def __init__(self, num_classes: int, depth: int = 3, width: int = 128, image_size: int = 32,
+                 in_chans: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_chans
+        for _ in range(depth):
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1),
+                nn.GroupNorm(width, width, affine=True),  # instance norm with affine parameters
+                nn.ReLU(inplace=True),
+                nn.AvgPool2d(2, 2),
+            ]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        side = image_size // (2 ** depth)
+        if side < 1:
+            raise ValueError(f"ConvNet of depth {depth} needs images of at least {2 ** depth} px, got {image_size}")
+        self.num_features = width * side * side
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def build_model(
+    name: str,
+    num_classes: int = 1000,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    image_size: int | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build the network ``name`` with ``num_classes`` outputs.
+
+    ``pretrained`` loads the hub weights of timm / torchvision (fails with :class:`WeightsUnavailableError`
+    offline); ``checkpoint`` loads a local ``.pt`` / ``.pth`` / ``.safetensors`` state dict or a Lightning
+    ``.ckpt`` of this project, strictly (:class:`CheckpointMismatchError` names the mismatching keys).
+    ``image_size`` matters only to the ConvNets (their classifier size) and to ViT / Swin (position grid).
+    Extra keyword arguments go to the constructor (e.g. ``width`` for the ConvNets, ``drop_rate`` for timm).
+    """
+    if pretrained and checkpoint:
+        raise ValueError("pass either pretrained=True or a checkpoint, not both")
+    if name.startswith(CONVNET_PREFIX):
+        if pretrained:
+            raise WeightsUnavailableError(f"{name} has no hub weights; train one and pass checkpoint=PATH")
+        model = ConvNet(num_classes, depth=int(name[len(CONVNET_PREFIX):]), image_size=image_size or 32, **kwargs)
+    elif name.startswith(TORCHVISION_PREFIX):
+        model = _build_torchvision(name[len(TORCHVISION_PREFIX):], num_classes, pretrained, **kwargs)
+    else:
+        model = _build_timm(name, num_classes, pretrained, image_size, **kwargs)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def _build_timm(name: str, num_classes: int, pretrained: bool, image_size: int | None, **kwargs) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: not a timm name, nor 'tv:<torchvision name>', nor 'convnet_dN'")
+    if image_size is not None and _takes_img_size(name):
+        kwargs.setdefault("img_size", image_size)
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except Exception as err:  # hub errors come in many types (OSError, HTTPError, LocalEntryNotFoundError)
+        if not pretrained:
+            raise
+        raise WeightsUnavailableError(_offline_message(name, "timm", err)) from err
+
+
+def _takes_img_size(name: str) -> bool:
+    return any(key in name for key in ("vit_", "swin", "deit", "eva", "beit"))
+
+
+def _build_torchvision(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
+    from torchvision import models
+
+    if name not in models.list_models():
+        raise ValueError(f"unknown torchvision model {name!r}")
+    if not pretrained:
+        return models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    try:
+        model = models.get_model(name, weights="DEFAULT", **kwargs)
+    except Exception as err:
+        raise WeightsUnavailableError(_offline_message(TORCHVISION_PREFIX + name, "torchvision", err)) from err
+    if num_classes != 1000:
+        _replace_head(model, num_classes)
+    return model
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer of a torchvision classifier for one with ``num_classes`` outputs."""
+    for parent in model.modules():
+        for child_name, child in reversed(list(parent.named_children())):
+            if isinstance(child, nn.Linear):
+                setattr(parent, child_name, nn.Linear(child.in_features, num_classes))
+                return
+    raise ValueError("no Linear head found to replace")
+
+
+def _offline_message(name: str, hub: str, err: Exception) -> str:
+    return (f"could not obtain the pretrained {hub} weights for {name!r} ({type(err).__name__}: {err}). "
+            f"This machine may be offline: download the weights elsewhere and pass them as a local file, "
+            f"e.g. checkpoint=/path/to/{name.replace(':', '_')}.pth (a state dict, .safetensors or .ckpt), "
+            f"with pretrained=False")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` state dict or a Lightning ``.ckpt``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointMismatchError(f"{path} holds no state dict of tensors")
+    return data
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``model.``, ``module.``, ``_orig_mod.``, ...) where that makes keys match."""
+    state = dict(state)
+    while True:
+        matching = sum(k in expected for k in state)
+        best = None
+        for prefix in STATE_DICT_PREFIXES:
+            kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if kept and sum(k in expected for k in kept) > matching:
+                best, matching = kept, sum(k in expected for k in kept)
+        if best is None:
+            return state
+        state = best
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a local checkpoint into ``model`` strictly; mismatching keys or shapes raise an error naming them."""
+    expected = model.state_dict()
+    state = strip_prefixes(read_state_dict(path), set(expected))
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        parts = [f"{label} ({len(items)}): {items[:5]}" for label, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape))
+                 if items]
+        raise CheckpointMismatchError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model
