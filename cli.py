@@ -16,11 +16,16 @@ from collections.abc import Callable, Sequence
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
+from datamodules.distilled import distill
+from datamodules.score_writer import ScoreStoreWriter
 from datamodules.toy import write_toy_dataset
+from lightning_modules.matrix import matrix
 
 # Commands that are not Trainer methods: name -> function whose signature and docstring define the options.
 COMMANDS: dict[str, Callable] = {
     "toydata": write_toy_dataset,
+    "matrix": matrix,
+    "distill": distill,
 }
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -35,6 +40,10 @@ class PatchDDCLI(LightningCLI):
             args=args,
             auto_configure_optimizers=False,
         )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # Stage I's score store writer (--store.dir); it acts in `predict` only, so `fit` runs without it.
+        parser.add_lightning_class_args(ScoreStoreWriter, "store")
 
 
 def command_parser(name: str, function: Callable) -> ArgumentParser:
@@ -58,6 +67,8 @@ def list_options(function: Callable) -> set[str]:
     """``--name`` of every parameter of ``function`` typed as a list / sequence (optionally ``| None``)."""
     options = set()
     for name, hint in typing.get_type_hints(function).items():
+        if name == "return":
+            continue
         hints = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None)) else (hint,)
         if any(typing.get_origin(h) in (list, Sequence) for h in hints):
             options.add(f"--{name}")

@@ -1,0 +1,174 @@
+"""Baseline patch selectors, compared with the diffusion selection on the same interface.
+
+* random: uniformly placed square boxes of the store's patch size on the store's images, seeded.
+* RDED (Sun et al., CVPR 2024, LINs-lab/RDED): sample ``images_per_class`` images of a class (their scripts: 300),
+  take ``crops_per_image`` square random-resized crops of each (5; area scale 0.08-1, aspect 1), resize each to
+  the tile size, zero-pad it (in normalised space) to the teacher's input size, score it by the teacher's
+  log-probability of the true class, keep the best crop per image and the best images per class. At a tiled
+  layout image ``i`` gets the crops ranked ``i, n+i, 2n+i, 3n+i`` (``n`` = IPC), as RDED tiles them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datamodules.real import IMAGENET_MEAN, IMAGENET_STD, ClassMapping
+from datamodules.selection import NotEnoughPatchesError
+from datamodules.subsets import imagenet_wnids
+from lightning_modules.models import build_model
+
+
+def patch_box_size(width: int, height: int, patch_size: int, image_size: int,
+                   whole_image: bool = False) -> tuple[int, int]:
+    """(width, height) in original pixels of a ``patch_size`` patch, scaled as the scorer scaled the image:
+    short side to ``image_size`` (aspect kept), or both sides to ``image_size`` when ``whole_image``."""
+    if whole_image:
+        scale_x, scale_y = width / image_size, height / image_size
+    else:
+        scale_x = scale_y = min(width, height) / image_size
+    return (max(1, min(width, round(patch_size * scale_x))), max(1, min(height, round(patch_size * scale_y))))
+
+
+def random_boxes(sizes: np.ndarray, count: int, box_size, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` uniformly placed boxes: (image positions into ``sizes``, boxes (count, 4)).
+
+    ``box_size(width, height) -> (w, h)`` gives the box of an image. Images are drawn without replacement,
+    cycling through fresh permutations when ``count`` exceeds them.
+    """
+    if len(sizes) == 0:
+        raise ValueError("no images to draw random patches from")
+    rounds = math.ceil(count / len(sizes))
+    chosen = np.concatenate([rng.permutation(len(sizes)) for _ in range(rounds)])[:count]
+    boxes = np.empty((count, 4), np.int64)
+    for i, (width, height) in enumerate(sizes[chosen]):
+        box_w, box_h = box_size(int(width), int(height))
+        x0 = int(rng.integers(0, width - box_w + 1))
+        y0 = int(rng.integers(0, height - box_h + 1))
+        boxes[i] = (x0, y0, x0 + box_w, y0 + box_h)
+    return chosen, boxes
+
+
+@dataclass(frozen=True)
+class RDEDOptions:
+    """RDED's settings (defaults from its ImageNet scripts) and the teacher that scores the crops.
+
+    ``teacher_kwargs`` go to :func:`build_model` (e.g. ``{"width": 64}`` for a ConvNet).
+    ``teacher_classes``: the teacher's output classes: ``None`` = the store's class list, ``"imagenet1k"`` = the
+    1000 ImageNet wnids (hub-pretrained models), or a ``class_mapping.json`` written by a teacher run.
+    ``teacher_image_size``: the teacher's input side (``None`` = the output size).
+    """
+
+    teacher: str = "resnet18"
+    teacher_kwargs: dict | None = None
+    checkpoint: str | None = None
+    pretrained: bool = False
+    teacher_classes: str | None = None
+    teacher_image_size: int | None = None
+    images_per_class: int = 300
+    crops_per_image: int = 5
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = 100
+    device: str = "auto"
+
+
+def random_square_box(width: int, height: int, scale: tuple[float, float], rng: np.random.Generator,
+                      attempts: int = 10) -> np.ndarray:
+    """RandomResizedCrop's box with aspect ratio 1: area ``U(scale) * W * H``; the centred short-side square
+    after ``attempts`` misses."""
+    for _ in range(attempts):
+        side = round(math.sqrt(rng.uniform(*scale) * width * height))
+        if 0 < side <= min(width, height):
+            x0 = int(rng.integers(0, width - side + 1))
+            y0 = int(rng.integers(0, height - side + 1))
+            return np.array([x0, y0, x0 + side, y0 + side])
+    side = min(width, height)
+    x0, y0 = (width - side) // 2, (height - side) // 2
+    return np.array([x0, y0, x0 + side, y0 + side])
+
+
+def teacher_inputs(crops: np.ndarray, input_size: int, mean, std) -> torch.Tensor:
+    """uint8 (N, t, t, 3) crops -> normalised (N, 3, S, S): zero-padded around the centre when ``t < S``
+    (RDED scores a tile padded to the full input), resized when ``t > S``."""
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    t = x.shape[-1]
+    if t > input_size:
+        return F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
+    before = (input_size - t) // 2
+    return F.pad(x, (before, input_size - t - before, before, input_size - t - before))
+
+
+class TeacherScorer:
+    """A teacher network scoring crops by its log-probability of a class."""
+
+    def __init__(self, options: RDEDOptions, store_classes: ClassMapping, output_size: int) -> None:
+        self.options = options
+        folders = _teacher_folders(options.teacher_classes, store_classes)
+        self.index = {folder: i for i, folder in enumerate(folders)}
+        self.input_size = options.teacher_image_size or output_size
+        self.device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if options.device == "auto" else options.device)
+        model = build_model(options.teacher, num_classes=len(folders), pretrained=options.pretrained,
+                            checkpoint=options.checkpoint, image_size=self.input_size,
+                            **(options.teacher_kwargs or {}))
+        self.model = model.eval().to(self.device)
+
+    def class_index(self, folder: str) -> int:
+        if folder not in self.index:
+            raise ValueError(f"class {folder!r} is not among the teacher's classes (set rded.teacher_classes)")
+        return self.index[folder]
+
+    @torch.no_grad()
+    def log_probs(self, crops: np.ndarray, folder: str) -> np.ndarray:
+        """log p(class | crop) for uint8 crops (N, t, t, 3)."""
+        target = self.class_index(folder)
+        out = []
+        for start in range(0, len(crops), self.options.batch_size):
+            x = teacher_inputs(crops[start:start + self.options.batch_size], self.input_size,
+                               self.options.mean, self.options.std)
+            logits = self.model(x.to(self.device)).float()
+            out.append(logits.log_softmax(1)[:, target].cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def _teacher_folders(spec: str | None, store_classes: ClassMapping) -> list[str]:
+    if spec is None:
+        return list(store_classes.folders)
+    if spec == "imagenet1k":
+        return imagenet_wnids()
+    return list(ClassMapping.load(spec).folders)
+
+
+def rded_tile_order(count: int, grid: int) -> np.ndarray:
+    """Order of ranked crops so that consecutive ``grid**2`` form RDED's images: image ``i`` gets ranks
+    ``i, n+i, 2n+i, ...`` with ``n = count // grid**2``."""
+    per_image = grid * grid
+    return np.arange(count).reshape(per_image, count // per_image).T.ravel()
+
+
+def rded_pick(sizes: np.ndarray, count: int, grid: int, crop_and_score, options: RDEDOptions,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RDED for one class: (image positions into ``sizes``, boxes, scores) of ``count`` crops in tile order.
+
+    ``crop_and_score(positions, boxes) -> scores`` crops the images at the boxes and scores them.
+    """
+    sampled = min(options.images_per_class, len(sizes))
+    if sampled < count:
+        raise NotEnoughPatchesError(f"RDED keeps one crop per image: {count} needed but only {sampled} images "
+                                    f"sampled (images_per_class={options.images_per_class}, {len(sizes)} images)")
+    images = np.sort(rng.choice(len(sizes), sampled, replace=False))
+    m = options.crops_per_image
+    boxes = np.stack([random_square_box(int(w), int(h), options.crop_scale, rng)
+                      for w, h in sizes[images] for _ in range(m)])
+    scores = np.asarray(crop_and_score(np.repeat(images, m), boxes)).reshape(sampled, m)
+    best = scores.argmax(1)
+    best_scores = scores[np.arange(sampled), best]
+    ranked = np.argsort(-best_scores, kind="stable")[:count][rded_tile_order(count, grid)]
+    return images[ranked], boxes.reshape(sampled, m, 4)[ranked, best[ranked]], best_scores[ranked]

@@ -1,0 +1,143 @@
+"""Synthetic sets on disk: a PNG ImageFolder, ``synthetic.json`` to reload it exactly, ``tiles.parquet`` tracing
+every tile to its source, and a contact sheet per class.
+
+Layout of one exported set (``OUT/ipc{N}``)::
+
+    <class folder>/img_000.png ...   the synthetic images (lossless), label order = sorted class folders
+    synthetic.json                   format, classes, ipc, grid, image_size, selector, store hash, options
+    tiles.parquet                    one row per tile (see TILE_COLUMNS)
+
+Contact sheets go to a separate folder (``OUT/contact_sheets/ipc{N}/<class>.png``) so that the set stays a
+plain ImageFolder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageDraw
+
+from datamodules.real import ClassMapping, DataError
+from datamodules.selection import Picks
+from datamodules.synthetic import SyntheticSet
+
+FORMAT_NAME = "patchdd-synthetic"
+FORMAT_VERSION = 1
+INFO_FILE = "synthetic.json"
+TILES_FILE = "tiles.parquet"
+
+
+def image_name(index: int, count: int) -> str:
+    return f"img_{index:0{max(3, len(str(count - 1)))}d}.png"
+
+
+def tile_columns(folder: str, images_in_class: int, grid: int, picks: Picks) -> dict[str, list]:
+    """``tiles.parquet`` columns for the picks of one class (``grid**2`` consecutive picks per image)."""
+    per_image = grid * grid
+    if len(picks) != images_in_class * per_image:
+        raise ValueError(f"{len(picks)} picks for {images_in_class} images of {per_image} tiles")
+    image = np.repeat(np.arange(images_in_class), per_image)
+    tile = np.tile(np.arange(per_image), images_in_class)
+    return {
+        "file": [f"{folder}/{image_name(i, images_in_class)}" for i in image],
+        "class": [folder] * len(picks),
+        "label": picks.labels.tolist(),
+        "image": image.tolist(),
+        "tile": tile.tolist(),
+        "tile_row": (tile // grid).tolist(),
+        "tile_col": (tile % grid).tolist(),
+        "source_image": [str(i) for i in picks.image_ids],
+        "box": picks.boxes.tolist(),
+        "score": picks.scores.tolist(),
+        "cluster": picks.clusters.tolist(),
+        "cluster_rank": picks.cluster_ranks.tolist(),
+        "member_rank": picks.member_ranks.tolist(),
+        "filled": picks.filled.tolist(),
+        "store_row": picks.store_rows.tolist(),
+    }
+
+
+class SyntheticFolderWriter:
+    """Write an exported set class by class (memory bounded by one class), then its two description files."""
+
+    def __init__(self, directory: str | Path, classes: ClassMapping, grid: int,
+                 contact_sheet_dir: str | Path | None = None, title: str = "") -> None:
+        self.directory = Path(directory)
+        self.classes, self.grid = classes, grid
+        self.contact_sheet_dir, self.title = contact_sheet_dir, title
+        self.columns: dict[str, list] = {}
+        self.image_size = 0
+        self.count = 0
+
+    def add(self, label: int, images: torch.Tensor, picks: Picks) -> None:
+        """The images (uint8 (N, 3, H, W)) of class ``label`` and the picks they were made from."""
+        folder = self.classes.folders[label]
+        (self.directory / folder).mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(self.directory / folder / image_name(i, len(images)))
+        for name, values in tile_columns(folder, len(images), self.grid, picks).items():
+            self.columns.setdefault(name, []).extend(values)
+        self.image_size, self.count = int(images.shape[-1]), self.count + len(images)
+        if self.contact_sheet_dir is not None:
+            Path(self.contact_sheet_dir).mkdir(parents=True, exist_ok=True)
+            sheet = contact_sheet(images, f"{self.classes.names[label]} ({folder}) - {self.title}")
+            sheet.save(Path(self.contact_sheet_dir) / f"{folder}.png")
+
+    def close(self, info: dict) -> Path:
+        """Write ``tiles.parquet`` and ``synthetic.json`` (``info`` + format, classes, grid, image size, count)."""
+        table = pa.table(self.columns)
+        table = table.set_column(table.schema.get_field_index("box"), "box",
+                                 table.column("box").cast(pa.list_(pa.int64(), 4)))
+        pq.write_table(table, self.directory / TILES_FILE)
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "classes": self.classes.to_json(),
+                "grid": self.grid, "image_size": self.image_size, "images": self.count, **info}
+        (self.directory / INFO_FILE).write_text(json.dumps(meta, indent=1))
+        return self.directory
+
+
+def read_synthetic_info(directory: str | Path) -> dict:
+    path = Path(directory) / INFO_FILE
+    if not path.is_file():
+        raise DataError(f"no exported synthetic set at {directory} (missing {INFO_FILE})")
+    info = json.loads(path.read_text())
+    if info.get("format") != FORMAT_NAME or info.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path} is not a {FORMAT_NAME} v{FORMAT_VERSION} description")
+    return info
+
+
+def read_synthetic_folder(directory: str | Path, folders: list[str] | None = None) -> SyntheticSet:
+    """Reload an exported set exactly (optionally a subset of its classes, relabelled in the given order)."""
+    directory = Path(directory)
+    info = read_synthetic_info(directory)
+    classes = ClassMapping.from_json(info["classes"])
+    folders = list(classes.folders) if folders is None else folders
+    images, labels = [], []
+    for label, folder in enumerate(folders):
+        files = sorted((directory / folder).glob("img_*.png"))
+        if len(files) != info["ipc"]:
+            raise DataError(f"{directory / folder} holds {len(files)} images, synthetic.json says {info['ipc']}")
+        for file in files:
+            with Image.open(file) as img:
+                images.append(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1))
+            labels.append(label)
+    subset = ClassMapping(tuple(folders), tuple(classes.names[classes.index(f)] for f in folders))
+    return SyntheticSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), subset, info["grid"])
+
+
+def contact_sheet(images: torch.Tensor, title: str, columns: int = 10, cell: int = 112, margin: int = 4,
+                  header: int = 18) -> Image.Image:
+    """One class's images (uint8 (N, 3, H, W)) as a grid under a title line (the paper's Fig. 11 style)."""
+    columns = max(1, min(columns, len(images)))
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * (cell + margin) + margin, header + rows * (cell + margin) + margin), "white")
+    ImageDraw.Draw(sheet).text((margin, 3), title, fill="black")
+    for i, image in enumerate(images):
+        thumb = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((cell, cell), Image.Resampling.BICUBIC)
+        row, column = divmod(i, columns)
+        sheet.paste(thumb, (margin + column * (cell + margin), header + margin + row * (cell + margin)))
+    return sheet

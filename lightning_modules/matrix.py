@@ -1,0 +1,440 @@
+"""Benchmark matrices: teachers x students (x IPCs x selectors x seeds), each cell a normal ``fit`` of FKDStudent.
+
+Every cell runs ``python cli.py fit -c BASE ...overrides`` in its own process with its own log directory
+(``OUT/ipc{N}/{selector}/{teacher}__{student}/seed{S}``); a cell is finished when its ``summary.json`` exists and
+is skipped on rerun; an interrupted cell resumes from its ``checkpoints/last.ckpt``; a failed cell is recorded
+with its error and the others go on. Cells are spread over GPUs one at a time per slot of ``devices_per_cell``
+GPUs. Results: ``results.csv`` (one row per run), ``matrix.md`` (mean +- std over seeds, best teacher per student
+column in bold, like the paper's Table 4) and ``matrix.png`` (annotated heatmaps).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from lightning_modules.student import SUMMARY_FILE, rded_batch_size
+
+CLI = Path(__file__).resolve().parent.parent / "cli.py"
+RESULT_COLUMNS = ["teacher", "student", "ipc", "selector", "seed", "final_top1", "final_top5", "best_top1",
+                  "best_epoch", "status", "error", "seconds", "log_dir"]
+Metric = Literal["final_top1", "best_top1"]
+Launcher = Literal["subprocess", "inline"]
+
+
+@dataclass
+class TeacherSpec:
+    """A teacher row: zoo name, its weights (hub, local checkpoint, or random for a control row), a display label."""
+
+    name: str
+    checkpoint: str | None = None
+    pretrained: bool = False
+    random_init: bool = False
+    label: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class StudentSpec:
+    """A student column: zoo name, optional learning rate (else the config's table), a display label."""
+
+    name: str
+    lr: float | None = None
+    label: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class Cell:
+    teacher: TeacherSpec
+    student: StudentSpec
+    ipc: int
+    selector: str
+    seed: int
+    directory: Path
+
+    def describe(self) -> str:
+        return f"{self.teacher.title} x {self.student.title} seed {self.seed} (IPC {self.ipc}, {self.selector})"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def cell_overrides(cell: Cell, batch_size: int | None, synthetic_dir: str | None, devices: int | None,
+                   overrides: dict) -> dict:
+    """Dotted LightningCLI keys -> values that turn the base config into this cell's run."""
+    values = {
+        "seed_everything": cell.seed,
+        "model.init_args.teacher": cell.teacher.name,
+        "model.init_args.teacher_checkpoint": cell.teacher.checkpoint,
+        "model.init_args.teacher_pretrained": cell.teacher.pretrained,
+        "model.init_args.random_teacher": cell.teacher.random_init,
+        "model.init_args.teacher_kwargs": cell.teacher.kwargs,
+        "model.init_args.student": cell.student.name,
+        "model.init_args.student_kwargs": cell.student.kwargs,
+        "trainer.default_root_dir": str(cell.directory),
+        "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                           "init_args": {"save_dir": str(cell.directory), "name": "", "version": ""}},
+    }
+    if cell.student.lr is not None:
+        values["model.init_args.lr"] = cell.student.lr
+    if devices is not None:
+        values["trainer.devices"] = devices
+    if synthetic_dir is not None:
+        values["data.init_args.store"] = None
+        values["data.init_args.synthetic_dir"] = synthetic_dir.format(ipc=cell.ipc, selector=cell.selector)
+    else:
+        values["data.init_args.ipc"] = cell.ipc
+        values["data.init_args.selector"] = cell.selector
+    if batch_size is not None:
+        values["data.init_args.batch_size"] = batch_size
+    return {**values, **overrides}
+
+
+def fit_arguments(base: list[str], values: dict, checkpoint: Path | None) -> list[str]:
+    """``cli.py fit`` arguments: the base configs, then every override as ``--key=value`` (JSON for non-strings)."""
+    args = ["fit"]
+    for path in base:
+        args += ["-c", path]
+    for key, value in values.items():
+        args.append(f"--{key}={value if isinstance(value, str) else json.dumps(value)}")
+    if checkpoint is not None:
+        args.append(f"--ckpt_path={checkpoint}")
+    return args
+
+
+def read_summary(directory: Path) -> dict | None:
+    path = directory / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def error_line(log_file: Path) -> str:
+    """The last line of a failed run's log that names an exception (else its last line)."""
+    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    return (errors or lines or ["no output"])[-1][:500]
+
+
+def run_cell(cell: Cell, args: list[str], gpus: list[int] | None, launcher: Launcher) -> dict:
+    """Run one cell's fit; ``subprocess`` writes its output to ``cell.directory/log.txt``."""
+    cell.directory.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(CLI), *args]
+    (cell.directory / "command.txt").write_text(shlex.join(command) + "\n")
+    start = time.time()
+    error = run_subprocess(command, cell.directory / "log.txt", gpus) if launcher == "subprocess" else run_inline(args)
+    summary = read_summary(cell.directory)
+    seconds = round(time.time() - start, 1)
+    if error is None and summary is not None:
+        return {"status": "done", "error": "", "seconds": seconds, **summary}
+    return {"status": "failed", "error": error or f"no {SUMMARY_FILE} written (was validation disabled?)",
+            "seconds": seconds}
+
+
+def run_subprocess(command: list[str], log_file: Path, gpus: list[int] | None) -> str | None:
+    """Run ``command`` with its output in ``log_file``; the error line when it fails, else None."""
+    env = dict(os.environ)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    with log_file.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = process.wait()
+        finally:  # the matrix was interrupted: do not leave the cell running on its own
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
+    return error_line(log_file) if code != 0 else None
+
+
+def run_inline(args: list[str]) -> str | None:
+    """Run ``cli.py`` with ``args`` in this process; the error when it fails, else None."""
+    from cli import main
+
+    try:
+        main(args)
+    except SystemExit as exit_:  # jsonargparse exits on a bad option
+        return None if exit_.code in (0, None) else f"SystemExit: {exit_.code} (bad option? see the output above)"
+    except Exception as err:  # a failed cell is recorded, the matrix goes on
+        return f"{type(err).__name__}: {err}"[:500]
+    return None
+
+
+def result_row(cell: Cell, outcome: dict) -> dict:
+    row = {"teacher": cell.teacher.title, "student": cell.student.title, "ipc": cell.ipc, "selector": cell.selector,
+           "seed": cell.seed, "log_dir": str(cell.directory)}
+    row.update({key: outcome.get(key) for key in RESULT_COLUMNS if key not in row})
+    return row
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in RESULT_COLUMNS} for row in rows)
+
+
+def aggregate(rows: list[dict], metric: Metric) -> dict[tuple, tuple[float, float, int, int]]:
+    """(ipc, selector, teacher, student) -> (mean, std, finished runs, failed runs) of ``metric`` in percent."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["ipc"], row["selector"], row["teacher"], row["student"]), []).append(row)
+    out = {}
+    for key, members in groups.items():
+        values = np.array([100 * float(r[metric]) for r in members if r["status"] == "done" and r[metric] is not None])
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        mean = float(values.mean()) if len(values) else float("nan")
+        out[key] = (mean, std, len(values), sum(r["status"] == "failed" for r in members))
+    return out
+
+
+def format_cell(mean: float, std: float, runs: int, failed: int) -> str:
+    if runs == 0:
+        return "failed" if failed else "–"
+    text = f"{mean:.1f} ± {std:.1f}" if runs > 1 else f"{mean:.1f}"
+    return text + (f" ({failed} failed)" if failed else "")
+
+
+def markdown_tables(rows: list[dict], teachers: list[str], students: list[str], metric: Metric) -> str:
+    """One Markdown table per (IPC, selector): teachers as rows, students as columns, best per column in bold."""
+    stats = aggregate(rows, metric)
+    blocks = []
+    for ipc, selector in sorted({(r["ipc"], r["selector"]) for r in rows}):
+        means = np.array([[stats.get((ipc, selector, t, s), (np.nan,))[0] for s in students] for t in teachers])
+        column_best = [np.nanmax(col) if not np.all(np.isnan(col)) else np.nan for col in means.T]
+        lines = [f"### IPC {ipc}, selector {selector}: {metric.replace('_', ' ')} (%)", "",
+                 "| teacher \\ student | " + " | ".join(students) + " |", "|---" * (len(students) + 1) + "|"]
+        for i, teacher in enumerate(teachers):
+            cells = []
+            for j, student in enumerate(students):
+                text = format_cell(*stats.get((ipc, selector, teacher, student), (np.nan, 0.0, 0, 0)))
+                cells.append(f"**{text}**" if means[i, j] == column_best[j] else text)
+            lines.append(f"| {teacher} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def write_markdown(path: Path, rows: list[dict], teachers: list[str], students: list[str], title: str) -> None:
+    seeds = sorted({r["seed"] for r in rows})
+    header = (f"# {title}\n\nTop-1 accuracy on the real validation split, mean ± std over seeds {seeds} (sample std; "
+              f"one seed: no ±). Bold: the best teacher for each student (column). `final` is the accuracy at the "
+              f"end of training, `best` the best of the validation runs (RDED reports the best; it is optimistic).")
+    body = "\n\n".join(markdown_tables(rows, teachers, students, m) for m in ("final_top1", "best_top1"))
+    path.write_text(header + "\n\n" + body + "\n")
+
+
+def write_heatmap(path: Path, rows: list[dict], teachers: list[str], students: list[str], metric: Metric,
+                  title: str) -> None:
+    """Annotated heatmaps (teachers x students) of ``metric``, one panel per (IPC, selector); best per column bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = aggregate(rows, metric)
+    panels = sorted({(r["ipc"], r["selector"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=((1.8 * len(students) + 4) * len(panels), 0.7 * len(teachers) + 2.5))
+    for ax, (ipc, selector) in zip(axes[0], panels):
+        cell = {(t, s): stats.get((ipc, selector, t, s), (np.nan, 0.0, 0, 0)) for t in teachers for s in students}
+        means = np.array([[cell[t, s][0] for s in students] for t in teachers])
+        image = ax.imshow(np.ma.masked_invalid(means), cmap="viridis", aspect="auto")
+        middle = np.nanmean(means) if not np.all(np.isnan(means)) else 0.0
+        for i, t in enumerate(teachers):
+            for j, s in enumerate(students):
+                text = format_cell(*cell[t, s]).replace(" (", "\n(")
+                best = not np.isnan(means[i, j]) and means[i, j] == np.nanmax(means[:, j])
+                shade = "white" if means[i, j] < middle else "black"  # NaN compares False: black on white
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=shade,
+                        fontweight="bold" if best else "normal")
+        ax.set_xticks(range(len(students)), students, rotation=30, ha="right")
+        ax.set_yticks(range(len(teachers)), teachers)
+        ax.set_xlabel("student")
+        ax.set_ylabel("teacher")
+        ax.set_title(f"IPC {ipc}, {selector}")
+        fig.colorbar(image, ax=ax, label=f"{metric.replace('_', ' ')} (%)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def device_slots(gpus: list[int] | None, devices_per_cell: int) -> list[list[int] | None]:
+    """Groups of ``devices_per_cell`` GPUs that each run one cell at a time (one slot without a GPU list)."""
+    if gpus is None:
+        return [None]
+    if len(gpus) < devices_per_cell:
+        raise ValueError(f"devices_per_cell={devices_per_cell} needs at least that many GPUs, got {gpus}")
+    return [gpus[i:i + devices_per_cell] for i in range(0, len(gpus) - devices_per_cell + 1, devices_per_cell)]
+
+
+def plan_cells(out_dir: Path, teachers: list[TeacherSpec], students: list[StudentSpec], ipcs: list[int],
+               selectors: list[str], seeds: list[int]) -> list[Cell]:
+    """Every (IPC, selector, teacher, student, seed) with its log directory, in that nesting order."""
+    for kind, titles in (("teacher", [t.title for t in teachers]), ("student", [s.title for s in students])):
+        if len(set(titles)) != len(titles):
+            raise ValueError(f"two {kind}s share a label in {titles}: give them distinct 'label's")
+    return [Cell(t, s, ipc, sel, seed,
+                 out_dir / f"ipc{ipc}" / slug(sel) / f"{slug(t.title)}__{slug(s.title)}" / f"seed{seed}")
+            for ipc, sel, t, s, seed in product(ipcs, selectors, teachers, students, seeds)]
+
+
+def cell_batch_size(batch_size: int | str, ipc: int, num_classes: int | None) -> int | None:
+    """The batch size a cell sets: a number, RDED's rule (``rded``), or None to keep the base config's (``base``)."""
+    if batch_size == "rded":
+        return rded_batch_size(ipc, num_classes)
+    return None if batch_size == "base" else int(batch_size)
+
+
+def describe_outcome(outcome: dict) -> str:
+    if outcome["status"] != "done":
+        return f"FAILED: {outcome['error']} ({outcome['seconds']} s)"
+    final, best = outcome.get("final_top1"), outcome.get("best_top1")
+    shown = "no validation ran" if final is None else f"top-1 final {final:.4f}, best {best:.4f}"
+    return f"{shown} ({outcome['seconds']} s)"
+
+
+@contextmanager
+def sigterm_exits():
+    """Within: SIGTERM raises SystemExit, so that running cells are stopped too (as on Ctrl-C)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_workers(worker, slots: list[list[int] | None]) -> None:
+    """``worker(slot)`` per slot, in threads; a single slot runs in the main thread (Lightning's signal handlers
+    are installed there)."""
+    if len(slots) == 1:
+        worker(slots[0])
+        return
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def matrix(
+    out: str,
+    base: str | list[str],
+    teachers: list[TeacherSpec],
+    students: list[StudentSpec],
+    ipcs: list[int] = [10],
+    selectors: list[str] = ["diffusion"],
+    seeds: list[int] = [0],
+    num_classes: int | None = None,
+    batch_size: int | Literal["rded", "base"] = "rded",
+    synthetic_dir: str | None = None,
+    overrides: dict = {},
+    gpus: list[int] | None = None,
+    devices_per_cell: int = 1,
+    launcher: Launcher = "subprocess",
+    heatmap_metric: Metric = "final_top1",
+    title: str = "Teacher x student matrix",
+) -> Path:
+    """Run a teacher x student (x IPC x selector x seed) matrix of FKD student fits; write CSV, Markdown and heatmap.
+
+    Args:
+        out: output directory (one log directory per cell, ``results.csv``, ``matrix.md``, ``matrix.png``).
+        base: the ``fit`` config(s) every cell starts from, stacked in order (e.g.
+            ``[configs/student/rded_defaults.yaml, configs/student/imagewoof.yaml]``).
+        teachers: rows: ``{name, checkpoint, pretrained, random_init, label, kwargs}``.
+        students: columns: ``{name, lr, label, kwargs}`` (lr None: the base config's ``lr_by_architecture``).
+        ipcs: images per class; set as ``data.ipc`` (or filled into ``synthetic_dir``).
+        selectors: patch selectors; set as ``data.selector`` (or filled into ``synthetic_dir``).
+        seeds: random initialisations per cell; the tables show mean ± std over them.
+        num_classes: class count of the synthetic set, for RDED's batch-size rule.
+        batch_size: an int, ``rded`` (RDED's rule from IPC and ``num_classes``) or ``base`` (the base config's).
+        synthetic_dir: exported sets instead of a store, a template with ``{ipc}`` / ``{selector}``
+            (e.g. ``runs/distill/woof/{selector}/ipc{ipc}``).
+        overrides: dotted keys applied to every cell, e.g. ``{"trainer.max_epochs": 300}``.
+        gpus: GPU ids; each group of ``devices_per_cell`` runs one cell at a time (None: cells one by one,
+            devices as the base config says).
+        devices_per_cell: devices of one cell (>1: DDP inside the cell).
+        launcher: ``subprocess`` (each cell its own process, output in ``log.txt``; needed for ``gpus``) or
+            ``inline`` (cells one after the other in this process: no start-up cost per cell, for small runs).
+        heatmap_metric: what the heatmap shows, ``final_top1`` or ``best_top1`` (``matrix.md`` shows both).
+        title: title of the Markdown file and the heatmap.
+    """
+    if batch_size == "rded" and num_classes is None:
+        raise ValueError("batch_size='rded' needs num_classes (or give batch_size as a number, or 'base')")
+    if launcher == "inline" and gpus is not None:
+        raise ValueError("launcher='inline' runs cells one by one in this process; use 'subprocess' with gpus")
+    if not teachers or not students:
+        raise ValueError("a matrix needs at least one teacher and one student")
+    bases = [base] if isinstance(base, str) else list(base)
+    missing = [path for path in bases if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"base config(s) not found: {missing} (relative paths start at {Path.cwd()})")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = plan_cells(out_dir, teachers, students, ipcs, selectors, seeds)
+    rows: list[dict | None] = [None] * len(cells)
+    pending: queue.Queue = queue.Queue()
+    for index, cell in enumerate(cells):
+        summary = read_summary(cell.directory)
+        if summary is not None:
+            print(f"cell {index + 1}/{len(cells)}: {cell.describe()}: finished before, skipped", flush=True)
+            rows[index] = result_row(cell, {"status": "done", "error": "", **summary})
+        else:
+            pending.put(index)
+    devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
+
+    def worker(slot: list[int] | None) -> None:
+        while True:
+            try:
+                index = pending.get_nowait()
+            except queue.Empty:
+                return
+            cell = cells[index]
+            where = f" on GPU {','.join(map(str, slot))}" if slot else ""
+            print(f"cell {index + 1}/{len(cells)}: {cell.describe()}{where}", flush=True)
+            size = cell_batch_size(batch_size, cell.ipc, num_classes)
+            values = cell_overrides(cell, size, synthetic_dir, devices, overrides)
+            last = cell.directory / "checkpoints" / "last.ckpt"
+            args = fit_arguments(bases, values, last if last.is_file() else None)
+            outcome = run_cell(cell, args, slot, launcher)
+            rows[index] = result_row(cell, outcome)
+            print(f"cell {index + 1}/{len(cells)}: {cell.describe()}: {describe_outcome(outcome)}", flush=True)
+
+    with sigterm_exits():
+        run_workers(worker, device_slots(gpus, devices_per_cell))
+    finished = [row for row in rows if row is not None]
+    teacher_names = list(dict.fromkeys(t.title for t in teachers))
+    student_names = list(dict.fromkeys(s.title for s in students))
+    write_results(out_dir / "results.csv", finished)
+    write_markdown(out_dir / "matrix.md", finished, teacher_names, student_names, title)
+    write_heatmap(out_dir / "matrix.png", finished, teacher_names, student_names, heatmap_metric, title)
+    failed = sum(row["status"] == "failed" for row in finished)
+    print(f"{len(finished) - failed}/{len(cells)} cells finished, {failed} failed; results in {out_dir}", flush=True)
+    return out_dir

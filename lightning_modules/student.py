@@ -1,0 +1,304 @@
+"""FKD-style evaluation of a synthetic set: a student learns from a frozen teacher's soft labels (RDED's protocol).
+
+For every augmented and mixed batch the teacher's logits on that same batch are the target, and the loss is
+``KLDivLoss(batchmean)(log_softmax(student / T), softmax(teacher / T))`` (:func:`kd_kl_loss`). The student
+is validated on the real validation split of the same classes; the final and the best top-1 over the
+validation runs are logged and written to ``summary.json`` in the run's log directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from datamodules.augment import AugmentOptions, MixMode, augment_batch, mix_batch
+from lightning_modules.classifier import accuracy_metrics, build_optimizer
+from lightning_modules.models import build_model
+
+# Checkpoints store the augmentation options among the hyper-parameters; let weights-only loading accept them.
+torch.serialization.add_safe_globals([AugmentOptions])
+# RDED (argument.py): the distillation temperature that goes with each mixing.
+RDED_TEMPERATURE = {"cutmix": 20.0, "mixup": 4.0}
+SUMMARY_FILE = "summary.json"
+Schedule = Literal["half_cosine", "cosine", "constant"]
+
+
+def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+               scale_by_t2: bool = False) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) averaged over the batch (``KLDivLoss(reduction="batchmean")``).
+
+    ``scale_by_t2`` multiplies by T^2 (Hinton et al.); RDED does not.
+    """
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    target = F.softmax(teacher_logits.float() / temperature, dim=1)
+    loss = F.kl_div(log_student, target, reduction="batchmean")
+    return loss * temperature**2 if scale_by_t2 else loss
+
+
+def lr_factor(epoch: int, epochs: int, schedule: Schedule) -> float:
+    """Learning-rate multiplier at ``epoch`` (0-based) of ``epochs``.
+
+    ``half_cosine`` is RDED's ``0.5 (1 + cos(pi * epoch / (2 * epochs)))``: from 1 down to 0.5 at the end;
+    ``cosine`` goes down to 0; ``constant`` stays 1.
+    """
+    if schedule == "half_cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / (2 * epochs)))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}; choose 'half_cosine', 'cosine' or 'constant'")
+
+
+def rded_batch_size(ipc: int, num_classes: int) -> int:
+    """RDED's batch size: 10 / 50 / 100 from IPC 1 / 10 / 50 up, doubled for 100+ classes, at most IPC x classes.
+
+    RDED defines IPC 1, 10 and 50 only; IPCs in between take the size of the step below, IPC 100 that of 50.
+    """
+    base = 100 if ipc >= 50 else 50 if ipc >= 10 else 10
+    if num_classes >= 100:
+        base *= 2
+    return min(base, ipc * num_classes)
+
+
+def learning_rate_for(model_name: str, table: dict[str, float]) -> float:
+    """The learning rate of the first ``table`` key contained in ``model_name`` (case-insensitive)."""
+    name = model_name.lower()
+    for key, lr in table.items():
+        if key.lower() in name:
+            return lr
+    raise ValueError(f"no learning rate for student {model_name!r}: give lr, or add a key of its name to "
+                     f"lr_by_architecture (keys: {list(table)})")
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """RDED's parameter groups: decay on weight matrices / kernels only, none on biases and norm parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if "weight" in name and param.ndim > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rded_validates(epoch: int, max_epochs: int, every: int = 10, last_fraction: float = 0.2) -> bool:
+    """RDED's cadence: validate after epoch ``epoch`` (0-based) when it ends a block of ``every`` epochs in the
+    last ``last_fraction`` of training; the last epoch is always validated."""
+    if epoch == max_epochs - 1:
+        return True
+    return epoch % every == every - 1 and epoch > max_epochs * (1 - last_fraction)
+
+
+class RDEDValidationSchedule(Callback):
+    """Run validation only on the epochs :func:`rded_validates` names (RDED: every 10 epochs in the last 20%)."""
+
+    def __init__(self, every: int = 10, last_fraction: float = 0.2) -> None:
+        self.every, self.last_fraction = every, last_fraction
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        validate = rded_validates(trainer.current_epoch, trainer.max_epochs, self.every, self.last_fraction)
+        # The epoch loop validates when (epoch + 1) % check_val_every_n_epoch == 0.
+        trainer.check_val_every_n_epoch = 1 if validate else trainer.max_epochs + 1
+
+
+class FKDStudent(L.LightningModule):
+    """A student network trained on a synthetic set with a frozen teacher's soft labels, validated on real data.
+
+    Training batches are ``(images, labels)``: uint8 images are augmented here on the device
+    (:func:`datamodules.augment.augment_batch`, with the grid of the data module's synthetic set); float
+    images are taken as already augmented by the loader (:func:`datamodules.augment.per_sample_transform`).
+    Validation batches are the real data module's ``ImageBatch``.
+
+    ``lr`` None looks the student up in ``lr_by_architecture``; ``temperature`` None takes RDED's value for the
+    mixing (20 with CutMix, 4 with Mixup). A teacher without weights is an error unless ``random_teacher`` asks
+    for one (a control row of a matrix). The teacher is rebuilt from its own source when a checkpoint of this
+    module is loaded, so checkpoints hold the student only.
+    """
+
+    def __init__(
+        self,
+        teacher: str = "resnet18",
+        student: str = "resnet18",
+        num_classes: int | None = None,
+        teacher_pretrained: bool = False,
+        teacher_checkpoint: str | None = None,
+        random_teacher: bool = False,
+        teacher_kwargs: dict | None = None,
+        student_kwargs: dict | None = None,
+        model_image_size: int | None = None,
+        augment: AugmentOptions | dict = AugmentOptions(),
+        mixing: MixMode = "cutmix",
+        cutmix_alpha: float = 1.0,
+        mixup_alpha: float = 0.8,
+        temperature: float | None = None,
+        scale_loss_by_t2: bool = False,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float | None = None,
+        lr_by_architecture: dict[str, float] | None = None,
+        weight_decay: float = 0.01,
+        decay_weights_only: bool = True,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        schedule: Schedule = "half_cosine",
+        track_unmixed_accuracy: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # LightningCLI and checkpoints hand the options over as a dict
+        self.augment = augment if isinstance(augment, AugmentOptions) else AugmentOptions(**augment)
+        if temperature is None and mixing not in RDED_TEMPERATURE:
+            raise ValueError(f"mixing {mixing!r} has no default temperature; pass temperature")
+        self.temperature = temperature if temperature is not None else RDED_TEMPERATURE[mixing]
+        self.lr = lr if lr is not None else learning_rate_for(student, lr_by_architecture or {})
+        self.best_top1: float | None = None
+        self.best_epoch: int | None = None
+        self.final: dict[str, float] = {}
+        self.validations = 0
+        if num_classes is not None:
+            self._build(num_classes)
+
+    def _build(self, num_classes: int) -> None:
+        hp = self.hparams
+        if not (hp.teacher_pretrained or hp.teacher_checkpoint or hp.random_teacher):
+            raise ValueError("the teacher needs weights: teacher_pretrained=true or teacher_checkpoint=PATH "
+                             "(random_teacher=true for a randomly initialised control teacher)")
+        if hp.teacher_pretrained and num_classes != 1000:
+            raise ValueError(f"a pretrained hub teacher has 1000 ImageNet outputs but the data has {num_classes} "
+                             f"classes: pass teacher_checkpoint=PATH of a teacher trained on these classes")
+        self.teacher = build_model(hp.teacher, num_classes, pretrained=hp.teacher_pretrained,
+                                   checkpoint=hp.teacher_checkpoint, image_size=hp.model_image_size,
+                                   **(hp.teacher_kwargs or {}))
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.student = build_model(hp.student, num_classes, image_size=hp.model_image_size,
+                                   **(hp.student_kwargs or {}))
+        if hp.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+            self.student.to(memory_format=torch.channels_last)
+        self.val_metrics = accuracy_metrics(num_classes, "val/")
+        self.hparams.num_classes = num_classes
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.num_classes is None:
+            datamodule = self.trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "num_classes"):
+                raise ValueError("FKDStudent needs num_classes, or a data module that reports num_classes")
+            self._build(datamodule.num_classes)
+
+    def train(self, mode: bool = True) -> "FKDStudent":
+        """Lightning puts the module in train mode every epoch; the teacher stays in eval mode."""
+        super().train(mode)
+        if hasattr(self, "teacher"):
+            self.teacher.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student(self._memory_format(images))
+
+    def _memory_format(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
+
+    def _grid(self) -> int:
+        synthetic = getattr(self.trainer.datamodule, "synthetic_set", None) if self._trainer else None
+        return synthetic.grid if synthetic is not None else 1
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self._trainer is None or not self.trainer.training:
+            return batch
+        images, labels = batch
+        if images.dtype == torch.uint8:
+            images = augment_batch(images, self._grid(), self.augment)
+        return images, labels
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        hp = self.hparams
+        if hp.track_unmixed_accuracy:
+            with torch.no_grad():
+                unmixed = (self(images).argmax(1) == labels).float().mean()
+            self.log("train/top1_unmixed", unmixed, batch_size=len(labels))
+        mixed = self._memory_format(mix_batch(images, hp.mixing, hp.cutmix_alpha, hp.mixup_alpha))
+        with torch.no_grad():
+            teacher_logits = self.teacher(mixed)
+        student_logits = self.student(mixed)
+        loss = kd_kl_loss(student_logits, teacher_logits, self.temperature, hp.scale_loss_by_t2)
+        agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
+        self.log_dict({"train/loss": loss, "train/teacher_agreement": agreement}, prog_bar=True,
+                      batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if batch.labels.numel() == 0:
+            return
+        logits = self(batch.images)
+        self.log("val/loss", F.cross_entropy(logits, batch.labels), batch_size=len(batch.labels), sync_dist=True)
+        self.val_metrics.update(logits, batch.labels)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {name: float(value) for name, value in self.val_metrics.compute().items()}
+        self.val_metrics.reset()
+        self.log_dict(metrics, prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        self.final = metrics
+        self.validations += 1
+        if self.best_top1 is None or metrics["val/top1"] > self.best_top1:
+            self.best_top1, self.best_epoch = metrics["val/top1"], self.current_epoch
+        self.log("val/top1_best", self.best_top1)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict({name.replace("val/", "test/"): value for name, value in metrics.items()})
+
+    def summary(self) -> dict:
+        """Final and best validation accuracy of this fit, as written to ``summary.json``."""
+        return {
+            "final_top1": self.final.get("val/top1"),
+            "final_top5": self.final.get("val/top5"),
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "epochs": self.current_epoch,
+            "validations": self.validations,
+            "teacher": self.hparams.teacher,
+            "student": self.hparams.student,
+        }
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.log_dir is not None and not self.trainer.interrupted:
+            path = Path(self.trainer.log_dir) / SUMMARY_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.summary(), indent=1))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = (weight_decay_groups(self.student, hp.weight_decay) if hp.decay_weights_only
+                  else self.student.parameters())
+        optimizer = build_optimizer(params, hp.optimizer, self.lr, hp.weight_decay, hp.momentum, hp.betas)
+        epochs = self.trainer.max_epochs
+        if epochs is None or epochs < 1:
+            raise ValueError("FKDStudent's per-epoch schedule needs trainer.max_epochs")
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, epochs, hp.schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints keep the student and the best-accuracy record; the teacher is rebuilt from its source."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["fkd_record"] = {"best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                                    "final": self.final, "validations": self.validations}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        record = checkpoint.get("fkd_record", {})
+        self.best_top1, self.best_epoch = record.get("best_top1"), record.get("best_epoch")
+        self.final, self.validations = record.get("final", {}), record.get("validations", 0)

@@ -1,0 +1,138 @@
+"""`cli.py matrix`: a 2 x 2 teacher x student matrix of real `fit` runs, resume, failures, tables and heatmap."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_modules.matrix import StudentSpec, TeacherSpec, aggregate, markdown_tables, write_heatmap
+from lightning_modules.models import build_model
+from student_helpers import CLASSES, SIZE, write_real_folder, write_synthetic_export
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def base_config(tmp_path: Path) -> Path:
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "lightning_modules.student.FKDStudent",
+                  "init_args": {"model_image_size": SIZE, "augment": {"image_size": SIZE},
+                                "lr_by_architecture": {"convnet": 0.003}}},
+        "data": {"class_path": "datamodules.distilled.DistilledDataModule",
+                 "init_args": {"synthetic_dir": str(tmp_path / "syn" / "ipc2"), "batch_size": 4,
+                               "real": {"class_path": "datamodules.real.ImageFolderDataModule",
+                                        "init_args": {"root": str(tmp_path / "real"), "image_size": SIZE,
+                                                      "eval_resize": SIZE, "num_workers": 0}}}},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False,
+                    "enable_model_summary": False, "num_sanity_val_steps": 0},
+    }
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def matrix_config(tmp_path: Path, base: Path) -> Path:
+    teacher = tmp_path / "teacher.pt"
+    torch.save(build_model("convnet_d2", len(CLASSES), image_size=SIZE, width=8).state_dict(), teacher)
+    config = {
+        "base": str(base),
+        "teachers": [{"name": "convnet_d2", "checkpoint": str(teacher), "kwargs": {"width": 8}, "label": "T-good"},
+                     {"name": "convnet_d2", "checkpoint": str(tmp_path / "missing.pt"), "label": "T-missing"}],
+        "students": [{"name": "convnet_d1", "kwargs": {"width": 8}, "label": "S-d1"},
+                     {"name": "convnet_d2", "kwargs": {"width": 8}, "label": "S-d2"}],
+        "ipcs": [2],
+        "selectors": ["random"],
+        "seeds": [0],
+        "num_classes": len(CLASSES),
+        "synthetic_dir": str(tmp_path / "syn" / "ipc{ipc}"),
+        "overrides": {"trainer.max_epochs": 1},
+    }
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_matrix(config: Path, out: Path, launcher: str) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "matrix", "-c", str(config), "--out", str(out),
+                             "--launcher", launcher],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def check_matrix_run(tmp_path: Path, launcher: str) -> None:
+    write_real_folder(tmp_path / "real", per_class=2, seed=0)
+    write_synthetic_export(tmp_path / "syn" / "ipc2", ipc=2)
+    config = matrix_config(tmp_path, base_config(tmp_path))
+    out = tmp_path / "out"
+
+    first = run_matrix(config, out, launcher)
+    assert "cell 1/4: T-good x S-d1 seed 0 (IPC 2, random)" in first
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4
+    status = {(r["teacher"], r["student"]): r for r in rows}
+    for student in ("S-d1", "S-d2"):
+        good = status["T-good", student]
+        assert good["status"] == "done" and 0 <= float(good["final_top1"]) <= 1 and good["best_top1"]
+        assert (Path(good["log_dir"]) / "summary.json").is_file()
+        bad = status["T-missing", student]
+        assert bad["status"] == "failed" and "missing.pt" in bad["error"]
+    table = (out / "matrix.md").read_text()
+    assert "| T-missing | failed | failed |" in table and "IPC 2, selector random" in table
+    assert (out / "matrix.png").stat().st_size > 1000
+
+    second = run_matrix(config, out, launcher)
+    assert second.count("finished before, skipped") == 2
+    assert "cell 3/4: T-missing x S-d1 seed 0 (IPC 2, random)" in second  # failed cells are tried again
+    assert [r["final_top1"] for r in csv.DictReader((out / "results.csv").open())] == [r["final_top1"] for r in rows]
+
+
+def test_matrix_through_cli_records_failures_and_skips_finished_cells(tmp_path):
+    check_matrix_run(tmp_path, "inline")
+
+
+@pytest.mark.slow
+def test_matrix_subprocess_cells(tmp_path):
+    check_matrix_run(tmp_path, "subprocess")
+    log = (tmp_path / "out" / "ipc2" / "random" / "T-missing__S-d1" / "seed0" / "log.txt").read_text()
+    assert "FileNotFoundError" in log
+
+
+def fake_rows() -> list[dict]:
+    rows = []
+    for teacher, student, values in (("A", "x", [0.50, 0.60]), ("A", "y", [0.30, 0.30]), ("B", "x", [0.40, 0.40]),
+                                     ("B", "y", [0.70, 0.90])):
+        for seed, value in enumerate(values):
+            rows.append({"teacher": teacher, "student": student, "ipc": 10, "selector": "diffusion", "seed": seed,
+                         "final_top1": value, "best_top1": value + 0.01, "status": "done"})
+    return rows
+
+
+def test_tables_show_mean_std_over_seeds_and_mark_best_teacher(tmp_path):
+    rows = fake_rows()
+    stats = aggregate(rows, "final_top1")
+    mean, std, runs, failed = stats[10, "diffusion", "A", "x"]
+    assert mean == pytest.approx(55.0) and std == pytest.approx(7.0711, abs=1e-3) and (runs, failed) == (2, 0)
+    table = markdown_tables(rows, ["A", "B"], ["x", "y"], "final_top1")
+    assert "| A | **55.0 ± 7.1** | 30.0 ± 0.0 |" in table
+    assert "| B | 40.0 ± 0.0 | **80.0 ± 14.1** |" in table
+    write_heatmap(tmp_path / "m.png", rows, ["A", "B"], ["x", "y"], "best_top1", "test")
+    assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_table4_config_parses_into_specs(tmp_path):
+    from cli import command_parser
+    from lightning_modules.matrix import matrix
+
+    parser = command_parser("matrix", matrix)
+    config = parser.instantiate_classes(parser.parse_args(["-c", str(REPO / "configs/matrix/table4.yaml"),
+                                                           "--out", str(tmp_path)]))
+    assert len(config.teachers) == 7 and len(config.students) == 7 and config.ipcs == [50]
+    assert isinstance(config.teachers[0], TeacherSpec) and config.teachers[0].pretrained
+    assert isinstance(config.students[6], StudentSpec) and config.students[6].name == "tv:vit_b_16"

@@ -1,0 +1,223 @@
+"""FKD student: the KL loss, RDED's augmentation on both paths, the frozen teacher, learning, DDP validation."""
+
+from __future__ import annotations
+
+import json
+import math
+from itertools import permutations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from scipy.stats import ks_2samp
+from torchvision.transforms import RandomResizedCrop
+
+from datamodules.augment import (AugmentOptions, augment_batch, cutmix, mixup, per_sample_transform, resized_crops,
+                                 sample_crop_boxes, shuffle_patches)
+from lightning_modules.student import (FKDStudent, RDEDValidationSchedule, kd_kl_loss, learning_rate_for, lr_factor, rded_batch_size,
+                                       rded_validates, weight_decay_groups)
+from student_helpers import SIZE, SquaresData, train_teacher
+
+torch.set_num_threads(1)
+
+
+def test_kd_kl_loss_equals_hand_computation():
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    teacher = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    t = 4.0
+    expected = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        p = np.exp(np.array(t_row) / t) / np.exp(np.array(t_row) / t).sum()
+        q = np.exp(np.array(s_row) / t) / np.exp(np.array(s_row) / t).sum()
+        expected += float((p * (np.log(p) - np.log(q))).sum())
+    expected /= 2
+    assert kd_kl_loss(student, teacher, t).item() == pytest.approx(expected, rel=1e-5)
+    assert kd_kl_loss(student, teacher, t, scale_by_t2=True).item() == pytest.approx(expected * 16, rel=1e-5)
+    assert kd_kl_loss(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_protocol_functions():
+    assert lr_factor(0, 300, "half_cosine") == 1.0
+    assert lr_factor(299, 300, "half_cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 299 / 600)))
+    assert lr_factor(150, 300, "cosine") == pytest.approx(0.5)
+    assert [rded_batch_size(ipc, 10) for ipc in (1, 10, 50, 100)] == [10, 50, 100, 100]
+    assert [rded_batch_size(ipc, 1000) for ipc in (1, 10, 50)] == [20, 100, 200]
+    assert rded_batch_size(10, 100) == 100 and rded_batch_size(1, 4) == 4  # never above IPC x classes
+    assert [e for e in range(300) if rded_validates(e, 300)] == list(range(249, 300, 10))
+    table = {"resnet": 1e-3, "efficientnet": 2e-3, "mobilenet": 2.5e-3, "vit": 1e-4, "swin": 1e-4}
+    assert learning_rate_for("tv:mobilenet_v2", table) == 2.5e-3 and learning_rate_for("vit_base_patch16_224", table) == 1e-4
+    with pytest.raises(ValueError, match="no learning rate"):
+        learning_rate_for("convnet_d3", table)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    decay, no_decay = weight_decay_groups(net, 0.01)
+    assert [p.shape for p in decay["params"]] == [(4, 3, 3, 3)] and len(no_decay["params"]) == 3
+
+
+def tile_ids(images: torch.Tensor, grid: int) -> list[tuple[int, ...]]:
+    """The tile value of each of the grid x grid tiles of every image (images hold one value per tile)."""
+    b, _, h, w = images.shape
+    th, tw = h // grid, w // grid
+    return [tuple(int(img[0, r * th, c * tw]) for r in range(grid) for c in range(grid)) for img in images]
+
+
+def tiled(batch: int, grid: int, side: int) -> torch.Tensor:
+    values = torch.arange(grid * grid, dtype=torch.uint8).reshape(grid, grid)
+    image = values.repeat_interleave(side, 0).repeat_interleave(side, 1)
+    return image.expand(batch, 3, -1, -1).contiguous()
+
+
+@pytest.mark.parametrize("mode", ["tiles", "strips"])
+def test_shuffle_patches_permutes_whole_tiles(mode):
+    grid, side = 2, 5
+    images = tiled(400, grid, side)
+    out = shuffle_patches(images, grid, mode, torch.Generator().manual_seed(0))
+    th = side
+    for img in out:  # every tile is one whole, uniform source tile
+        for r in range(grid):
+            for c in range(grid):
+                block = img[:, r * th:(r + 1) * th, c * th:(c + 1) * th]
+                assert (block == block[0, 0, 0]).all()
+    orders = tile_ids(out, grid)
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    seen = set(orders)
+    if mode == "tiles":
+        assert seen == set(permutations(range(4)))
+    else:  # RDED: a column order and a row order -> 4 arrangements of a 2x2 grid
+        assert seen == {(0, 1, 2, 3), (1, 0, 3, 2), (2, 3, 0, 1), (3, 2, 1, 0)}
+    assert torch.equal(shuffle_patches(images, 1), images)
+
+
+def test_shuffle_patches_drops_remainder_like_rded():
+    images = torch.zeros(2, 3, 11, 9, dtype=torch.uint8)
+    assert shuffle_patches(images, 2, "tiles").shape == (2, 3, 10, 8)
+
+
+@pytest.mark.parametrize("height,width", [(224, 224), (96, 200)])
+def test_device_crop_boxes_have_torchvision_distribution(height, width):
+    torch.manual_seed(0)
+    n = 3000
+    ours = sample_crop_boxes(n, height, width, (0.5, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(1))
+    assert (ours[:, :2] >= 0).all() and (ours[:, 2] <= width).all() and (ours[:, 3] <= height).all()
+    reference = torch.tensor([RandomResizedCrop.get_params(torch.empty(3, height, width), [0.5, 1.0], [3 / 4, 4 / 3])
+                              for _ in range(n)], dtype=torch.float64)  # (top, left, h, w)
+    ref_h, ref_w = reference[:, 2], reference[:, 3]
+    our_w, our_h = (ours[:, 2] - ours[:, 0]).double(), (ours[:, 3] - ours[:, 1]).double()
+    for a, b in ((our_w * our_h / (height * width), ref_w * ref_h / (height * width)),
+                 (our_w / our_h, ref_w / ref_h),
+                 (ours[:, 0] / (width - our_w + 1), reference[:, 1] / (width - ref_w + 1))):
+        assert ks_2samp(a.numpy(), b.numpy()).pvalue > 1e-3
+
+
+def test_cpu_and_device_paths_give_the_same_crop_sizes():
+    """Both paths on an image whose pixels hold their column: the output's span of columns is the crop width."""
+    torch.manual_seed(0)
+    side, out = 200, 50
+    columns = torch.arange(side, dtype=torch.float32).expand(3, side, side)
+    image = (columns * 255 / (side - 1)).round().to(torch.uint8)
+    options = AugmentOptions(image_size=out, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), flip=False)
+    cpu = per_sample_transform(1, options)
+    spans_cpu = [float(x[0, 0, -1] - x[0, 0, 0]) for x in (cpu(image) for _ in range(1500))]
+    device = augment_batch(image.expand(1500, -1, -1, -1).contiguous(), 1, options)
+    spans_device = (device[:, 0, 0, -1] - device[:, 0, 0, 0]).tolist()
+    assert ks_2samp(spans_cpu, spans_device).pvalue > 1e-3
+
+
+def test_resized_crops_interpolate_like_torch_inside_the_crop():
+    image = torch.rand(1, 3, 40, 40) * 255
+    crop = resized_crops(image, torch.tensor([[5, 3, 29, 35]]), 48)
+    reference = torch.nn.functional.interpolate(image[:, :, 3:35, 5:29], size=(48, 48), mode="bilinear",
+                                                align_corners=False)
+    assert torch.allclose(crop[..., 1:-1, 1:-1], reference[..., 1:-1, 1:-1], atol=1e-3)
+
+
+def test_cutmix_pastes_one_box_of_a_partner_and_mixup_blends():
+    torch.manual_seed(3)
+    images = torch.arange(8, dtype=torch.float32)[:, None, None, None].expand(8, 3, 16, 16).contiguous()
+    mixed = cutmix(images, alpha=1.0)
+    changed = mixed[:, 0] != images[:, 0]
+    assert changed.any()
+    box = changed.any(0)  # one box for the whole batch
+    rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+    assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    for i in range(8):
+        values = mixed[i, 0][box].unique()
+        assert len(values) == 1  # the pasted box comes from one partner image
+    blended = mixup(images, alpha=0.8)
+    assert ((blended >= 0) & (blended <= 7)).all() and not torch.equal(blended, images)
+
+
+def make_student(teacher_path, **kwargs) -> FKDStudent:
+    options = dict(teacher="convnet_d2", student="convnet_d2", num_classes=4, teacher_checkpoint=str(teacher_path),
+                   teacher_kwargs={"width": 16}, student_kwargs={"width": 16}, model_image_size=SIZE,
+                   augment=AugmentOptions(image_size=SIZE), lr=3e-3)
+    return FKDStudent(**{**options, **kwargs})
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_student_learns_from_frozen_teacher(tmp_path):
+    teacher_path = train_teacher(tmp_path / "teacher.pt")
+    L.seed_everything(0)
+    model = make_student(teacher_path)
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    recorder = LossRecorder()
+    trainer = L.Trainer(max_epochs=12, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                        callbacks=[recorder, RDEDValidationSchedule(every=4, last_fraction=0.5)])
+    data = SquaresData(ipc=8, val_per_class=8, batch_size=8)
+    trainer.fit(model, data)
+    assert all(torch.equal(teacher_before[k], v) for k, v in model.teacher.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    assert not model.teacher.training and model.student.training
+    losses = recorder.losses
+    assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
+    summary = model.summary()
+    assert summary["final_top1"] > 0.5  # chance is 0.25
+    assert summary["validations"] == 2 and summary["best_epoch"] in (7, 11)  # epochs 8 and 12 of 12
+    assert summary["best_top1"] >= summary["final_top1"]
+
+    trainer.save_checkpoint(tmp_path / "student.ckpt")
+    saved = torch.load(tmp_path / "student.ckpt", weights_only=False)
+    assert not any(k.startswith("teacher.") for k in saved["state_dict"])
+    restored = FKDStudent.load_from_checkpoint(tmp_path / "student.ckpt")
+    assert restored.best_top1 == model.best_top1
+    assert all(torch.equal(v, model.student.state_dict()[k]) for k, v in restored.student.state_dict().items())
+    assert all(torch.equal(v, teacher_before[k]) for k, v in restored.teacher.state_dict().items())
+
+
+def test_summary_file_and_unmixed_accuracy(tmp_path):
+    teacher_path = train_teacher(tmp_path / "teacher.pt", steps=1)
+    model = make_student(teacher_path, track_unmixed_accuracy=True, mixing="mixup")
+    assert model.temperature == 4.0
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, num_sanity_val_steps=0, enable_checkpointing=False,
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""))
+    trainer.fit(model, SquaresData(ipc=2, val_per_class=2, batch_size=8))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_top1"] == summary["best_top1"] and summary["epochs"] == 1
+    assert "train/top1_unmixed" in trainer.logged_metrics
+
+
+def validation_metrics(model: FKDStudent, devices: int, root) -> dict[str, float]:
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    (result,) = trainer.validate(model, SquaresData(ipc=1, val_per_class=10, batch_size=4))
+    return result
+
+
+def test_validation_under_ddp_equals_single_process(tmp_path):
+    teacher_path = train_teacher(tmp_path / "teacher.pt", steps=1)
+    torch.manual_seed(0)
+    model = make_student(teacher_path)
+    single = validation_metrics(model, 1, tmp_path)
+    ddp = validation_metrics(model, 2, tmp_path)
+    assert 0 < single["val/top1"] < 1  # a random student: some but not all right
+    for key in ("val/top1", "val/top5"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-6)
