@@ -25,14 +25,13 @@ test-all: $(STAMP)
 toydata: $(STAMP)
 	$(PY) cli.py toydata --out data/toy
 
-# The toy diffusion prior (SD folder layout) in runs/prior/toy; see configs/prior/toy.yaml.
+# Retrain the committed toy diffusion prior (SD folder layout) in assets/toy_prior; see configs/prior/toy.yaml.
 toy-prior: $(STAMP)
 	test -d data/toy || $(PY) cli.py toydata --out data/toy
-	$(PY) cli.py fit -c configs/prior/toy.yaml
+	$(PY) cli.py fit -c configs/prior/toy.yaml --model.export_dir assets/toy_prior
 
 demo: $(STAMP)
-	$(PY) cli.py toydata --out data/toy
-	$(PY) cli.py fit -c configs/teacher/toy_convnet.yaml
+	$(PY) cli.py demo -c configs/demo/toy.yaml
 
 clean:
 	rm -rf runs lightning_logs data/toy

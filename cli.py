@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -19,13 +20,15 @@ from lightning.pytorch.cli import LightningCLI
 from datamodules.distilled import distill
 from datamodules.score_writer import ScoreStoreWriter
 from datamodules.toy import write_toy_dataset
-from lightning_modules.matrix import matrix
+from workflows.demo import demo
+from workflows.matrix import matrix
 
 # Commands that are not Trainer methods: name -> function whose signature and docstring define the options.
 COMMANDS: dict[str, Callable] = {
     "toydata": write_toy_dataset,
     "matrix": matrix,
     "distill": distill,
+    "demo": demo,
 }
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -34,12 +37,14 @@ class PatchDDCLI(LightningCLI):
     """LightningCLI with the suite's defaults: a fixed seed recorded in the saved config."""
 
     def __init__(self, args: list[str] | None = None) -> None:
-        super().__init__(
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            auto_configure_optimizers=False,
-        )
+        with warnings.catch_warnings():  # args given from Python (the demo, the matrix) while sys.argv is the caller's
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().__init__(
+                seed_everything_default=0,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+                auto_configure_optimizers=False,
+            )
 
     def add_arguments_to_parser(self, parser) -> None:
         # Stage I's score store writer (--store.dir); it acts in `predict` only, so `fit` runs without it.

@@ -20,14 +20,15 @@ from typing import Literal, Protocol
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.augment import AugmentOptions, per_sample_transform
 from datamodules.baselines import RDEDOptions, TeacherScorer, patch_box_size, random_boxes, rded_pick
 from datamodules.composition import Layout, LayoutOptions, OriginalImages, layout_for, tile_images
-from datamodules.export import SyntheticFolderWriter, read_synthetic_folder, read_synthetic_info
-from datamodules.real import CLASS_MAPPING_FILE, ClassMapping, DataError, RealDataModule
+from datamodules.export import (INFO_FILE, SyntheticFolderWriter, read_image_folder, read_synthetic_folder,
+                                synthetic_classes)
+from datamodules.real import ClassMapping, DataError, RealDataModule, save_class_mapping
 from datamodules.score_store import ScoreStore, StoreError, StoreMismatchError, settings_difference
 from datamodules.selection import (ClusterCache, ClusterOptions, NotEnoughPatchesError, Picks, Selection,
                                    select_patches)
@@ -246,7 +247,9 @@ class DistilledDataModule(L.LightningDataModule):
     on the device. With ``augment_in_workers`` the loader workers apply ``augment`` per sample instead
     (:func:`datamodules.augment.per_sample_transform`) and yield normalised float images. ``val_dataloader``
     is ``real``'s, whose class subset is set to the synthetic classes (same sorted order, so labels agree).
-    Give either ``store`` or ``synthetic_dir``.
+    Give either ``store`` or ``synthetic_dir``: a folder exported by ``cli.py distill`` (read exactly), or a
+    plain ImageFolder from another method, whose images are resized to ``folder_image_size`` and whose
+    ``folder_grid`` (2 for RDED-style 2x2 compositions, 1 for single images) drives the patch shuffle.
     """
 
     def __init__(
@@ -268,6 +271,8 @@ class DistilledDataModule(L.LightningDataModule):
         num_workers: int = 0,
         augment_in_workers: bool = False,
         augment: AugmentOptions = AugmentOptions(),
+        folder_grid: int = 1,
+        folder_image_size: int = 224,
     ) -> None:
         super().__init__()
         if (store is None) == (synthetic_dir is None):
@@ -279,6 +284,7 @@ class DistilledDataModule(L.LightningDataModule):
         self.expect_settings = expect_settings
         self.batch_size, self.num_workers = batch_size, num_workers
         self.augment_in_workers, self.augment = augment_in_workers, augment
+        self.folder_grid, self.folder_image_size = folder_grid, folder_image_size
         self.class_mapping = subset_mapping(self._available_classes(), classes)
         self.real = real
         if real is not None:
@@ -288,7 +294,7 @@ class DistilledDataModule(L.LightningDataModule):
 
     def _available_classes(self) -> ClassMapping:
         if self.synthetic_dir is not None:
-            return ClassMapping.from_json(read_synthetic_info(self.synthetic_dir)["classes"])
+            return synthetic_classes(self.synthetic_dir)
         store = ScoreStore.open(self.store_dir)
         check_settings(store, self.expect_settings)
         return ClassMapping.from_json(store.manifest.classes)
@@ -300,11 +306,14 @@ class DistilledDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.synthetic_set is None:
             self.synthetic_set = self._build()
-        self._save_class_mapping()
+        save_class_mapping(self.trainer, self.class_mapping)
 
     def _build(self) -> SyntheticSet:
         if self.synthetic_dir is not None:
-            return read_synthetic_folder(self.synthetic_dir, list(self.class_mapping.folders))
+            folders = list(self.class_mapping.folders)
+            if (Path(self.synthetic_dir) / INFO_FILE).is_file():
+                return read_synthetic_folder(self.synthetic_dir, folders)
+            return read_image_folder(self.synthetic_dir, self.folder_grid, self.folder_image_size, folders)
         store = ScoreStore.open(self.store_dir)
         index = StoreIndex(store)
         images = OriginalImages.from_data_spec(store.manifest.data, self.images_root)
@@ -313,26 +322,44 @@ class DistilledDataModule(L.LightningDataModule):
         synthetic, self.picks = build_synthetic(index, images, self.class_mapping, self.ipc, selector, self.layout)
         return synthetic
 
-    def _save_class_mapping(self) -> None:
-        trainer = self.trainer
-        if trainer is None or trainer.log_dir is None or not trainer.is_global_zero:
-            return
-        Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-        self.class_mapping.save(Path(trainer.log_dir) / CLASS_MAPPING_FILE)
-
     def train_dataloader(self) -> DataLoader:
         if self.synthetic_set is None:
             raise RuntimeError("call setup() before train_dataloader()")
-        dataset = (AugmentedImages(self.synthetic_set, per_sample_transform(self.synthetic_set.grid, self.augment))
-                   if self.augment_in_workers else TensorDataset(self.synthetic_set.images, self.synthetic_set.labels))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if self.augment_in_workers:
+            dataset = AugmentedImages(self.synthetic_set, per_sample_transform(self.synthetic_set.grid, self.augment))
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, **workers)
+        return DataLoader(SyntheticBatches(self.synthetic_set), batch_size=self.batch_size, shuffle=True,
+                          collate_fn=already_batched, **workers)
 
     def val_dataloader(self):
         return self.real.val_dataloader() if self.real is not None else []
 
     def test_dataloader(self):
         return self.real.test_dataloader() if self.real is not None else []
+
+
+class SyntheticBatches(Dataset):
+    """uint8 images and labels for on-device augmentation, fetched a whole batch at once (one gather per batch
+    instead of stacking images one by one); works with any sampler, Lightning's distributed one included."""
+
+    def __init__(self, synthetic: SyntheticSet) -> None:
+        self.images, self.labels = synthetic.images, synthetic.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def already_batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate for :class:`SyntheticBatches`, whose fetch already returns a batch."""
+    return batch
 
 
 class AugmentedImages(Dataset):

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
-from datamodules.real import ClassMapping, DataError
+from datamodules.real import ClassMapping, DataError, list_class_folders, scan_class_folders
 from datamodules.selection import Picks
 from datamodules.synthetic import SyntheticSet
 
@@ -127,6 +127,29 @@ def read_synthetic_folder(directory: str | Path, folders: list[str] | None = Non
             labels.append(label)
     subset = ClassMapping(tuple(folders), tuple(classes.names[classes.index(f)] for f in folders))
     return SyntheticSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), subset, info["grid"])
+
+
+def read_image_folder(directory: str | Path, grid: int, image_size: int,
+                      folders: list[str] | None = None) -> SyntheticSet:
+    """A synthetic set from another method (RDED, SRe2L, D4M, ...): a plain ImageFolder ``<class>/*.png|jpg``.
+
+    Every image is resized to ``image_size`` x ``image_size``; ``grid`` (tiles per side: 2 for RDED-style 2x2
+    compositions, 1 for single images) drives the student's patch shuffle.
+    """
+    directory = Path(directory)
+    folders = list_class_folders(directory) if folders is None else folders
+    source = scan_class_folders(directory, folders)
+    images = [torch.from_numpy(np.array(source.load(i).resize((image_size, image_size), Image.Resampling.BICUBIC)))
+              .permute(2, 0, 1) for i in range(len(source))]
+    return SyntheticSet(torch.stack(images), torch.tensor(source.labels, dtype=torch.int64),
+                        ClassMapping.for_folders(folders), grid)
+
+
+def synthetic_classes(directory: str | Path) -> ClassMapping:
+    """The classes of a synthetic folder: from ``synthetic.json``, or the class folders of a plain ImageFolder."""
+    if (Path(directory) / INFO_FILE).is_file():
+        return ClassMapping.from_json(read_synthetic_info(directory)["classes"])
+    return ClassMapping.for_folders(list_class_folders(Path(directory)))
 
 
 def contact_sheet(images: torch.Tensor, title: str, columns: int = 10, cell: int = 112, margin: int = 4,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import pickle
 import random
 import warnings
@@ -33,8 +32,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from datamodules.subsets import display_name, resolve_classes
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -241,6 +238,15 @@ def scan_flat_folder(split_dir: Path, labels_file: Path, folders: Sequence[str])
     return FileImageSource(split_dir, ids, labels)
 
 
+def save_class_mapping(trainer, mapping: ClassMapping) -> None:
+    """Write ``class_mapping.json`` into the run's log directory (rank 0 only; no-op without a trainer)."""
+    if trainer is None or trainer.log_dir is None or not trainer.is_global_zero:
+        return
+    log_dir = Path(trainer.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    mapping.save(log_dir / CLASS_MAPPING_FILE)
+
+
 def train_transform(image_size: int, scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]):
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=scale, antialias=True),
@@ -300,15 +306,7 @@ class RealDataModule(L.LightningDataModule):
         self.source("train" if stage in (None, "fit", "predict") else "val")
         if stage in (None, "fit", "validate", "test"):
             self.source("val")
-        self._save_class_mapping()
-
-    def _save_class_mapping(self) -> None:
-        trainer = self.trainer
-        if trainer is None or trainer.log_dir is None or not trainer.is_global_zero:
-            return
-        log_dir = Path(trainer.log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.class_mapping.save(log_dir / CLASS_MAPPING_FILE)
+        save_class_mapping(self.trainer, self.class_mapping)
 
     def train_dataset(self) -> Dataset:
         tf = train_transform(self.image_size, self.train_scale, self.mean, self.std)

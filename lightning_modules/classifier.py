@@ -6,6 +6,7 @@ import math
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -42,7 +43,34 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class Classifier(L.LightningModule):
+class RealValidation:
+    """Validation / test steps on real labelled batches (``ImageBatch``): cross-entropy and top-1 / top-5.
+
+    Mixed into a LightningModule that has ``forward``, ``val_metrics`` (see :func:`accuracy_metrics`) and
+    ``_build(num_classes)``; without ``num_classes`` in its hyper-parameters the module is built in ``setup``
+    with the data module's class count. The metrics are computed and reset in the module's own
+    ``on_validation_epoch_end``.
+    """
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.num_classes is None:
+            datamodule = self.trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "num_classes"):
+                raise ValueError(f"{type(self).__name__} needs num_classes, or a data module that reports it")
+            self._build(datamodule.num_classes)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if batch.labels.numel() == 0:
+            return
+        logits = self(batch.images)
+        self.log("val/loss", F.cross_entropy(logits, batch.labels), batch_size=len(batch.labels), sync_dist=True)
+        self.val_metrics.update(logits, batch.labels)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+
+class Classifier(RealValidation, L.LightningModule):
     """A zoo network trained with cross-entropy; validation reports top-1 / top-5.
 
     ``num_classes`` defaults to the data module's class count. The network is ``self.model``, so a
@@ -79,13 +107,6 @@ class Classifier(L.LightningModule):
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.hparams.num_classes = num_classes
 
-    def setup(self, stage: str) -> None:
-        if self.hparams.num_classes is None:
-            datamodule = self.trainer.datamodule
-            if datamodule is None or not hasattr(datamodule, "num_classes"):
-                raise ValueError("Classifier needs num_classes, or a data module that reports num_classes")
-            self._build(datamodule.num_classes)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
@@ -99,19 +120,9 @@ class Classifier(L.LightningModule):
         self.log_dict({"train/loss": loss, "train/top1": accuracy}, prog_bar=True, batch_size=len(batch.labels))
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        if batch.labels.numel() == 0:
-            return
-        logits = self(batch.images)
-        self.log("val/loss", self.criterion(logits, batch.labels), batch_size=len(batch.labels), sync_dist=True)
-        self.val_metrics.update(logits, batch.labels)
-
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()

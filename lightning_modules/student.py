@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from datamodules.augment import AugmentOptions, MixMode, augment_batch, mix_batch
-from lightning_modules.classifier import accuracy_metrics, build_optimizer
+from lightning_modules.classifier import RealValidation, accuracy_metrics, build_optimizer
 from lightning_modules.models import build_model
 
 # Checkpoints store the augmentation options among the hyper-parameters; let weights-only loading accept them.
@@ -107,7 +107,7 @@ class RDEDValidationSchedule(Callback):
         trainer.check_val_every_n_epoch = 1 if validate else trainer.max_epochs + 1
 
 
-class FKDStudent(L.LightningModule):
+class FKDStudent(RealValidation, L.LightningModule):
     """A student network trained on a synthetic set with a frozen teacher's soft labels, validated on real data.
 
     Training batches are ``(images, labels)``: uint8 images are augmented here on the device
@@ -185,13 +185,6 @@ class FKDStudent(L.LightningModule):
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.hparams.num_classes = num_classes
 
-    def setup(self, stage: str) -> None:
-        if self.hparams.num_classes is None:
-            datamodule = self.trainer.datamodule
-            if datamodule is None or not hasattr(datamodule, "num_classes"):
-                raise ValueError("FKDStudent needs num_classes, or a data module that reports num_classes")
-            self._build(datamodule.num_classes)
-
     def train(self, mode: bool = True) -> "FKDStudent":
         """Lightning puts the module in train mode every epoch; the teacher stays in eval mode."""
         super().train(mode)
@@ -234,13 +227,6 @@ class FKDStudent(L.LightningModule):
                       batch_size=len(labels))
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        if batch.labels.numel() == 0:
-            return
-        logits = self(batch.images)
-        self.log("val/loss", F.cross_entropy(logits, batch.labels), batch_size=len(batch.labels), sync_dist=True)
-        self.val_metrics.update(logits, batch.labels)
-
     def on_validation_epoch_end(self) -> None:
         metrics = {name: float(value) for name, value in self.val_metrics.compute().items()}
         self.val_metrics.reset()
@@ -252,9 +238,6 @@ class FKDStudent(L.LightningModule):
         if self.best_top1 is None or metrics["val/top1"] > self.best_top1:
             self.best_top1, self.best_epoch = metrics["val/top1"], self.current_epoch
         self.log("val/top1_best", self.best_top1)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()

@@ -410,3 +410,34 @@ def test_cli_distill_end_to_end(data, tmp_path):
     assert [p.name for p in (out / "contact_sheets" / "ipc1").iterdir()] == ["cls_b.png"]
     help_text = cli.command_parser("distill", distill).format_help()
     assert "--clustering.top_clusters" in help_text and "--rded.crops_per_image" in help_text
+
+
+def test_plain_imagefolder_from_another_method_is_read_with_its_grid(tmp_path) -> None:
+    from datamodules.distilled import DistilledDataModule
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path / "rded_set", ["n01440764", "n02102040"], per_class=3, size=(50, 40))
+    dm = DistilledDataModule(synthetic_dir=str(tmp_path / "rded_set"), folder_grid=2, folder_image_size=32)
+    dm.setup("fit")
+    synthetic = dm.synthetic_set
+    assert synthetic.grid == 2 and synthetic.images.shape == (6, 3, 32, 32)
+    assert synthetic.classes.names == ("tench", "English springer")
+    assert synthetic.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_uint8_batches_are_gathered_whole_and_cover_the_set_once() -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from datamodules.distilled import SyntheticBatches, already_batched
+    from datamodules.real import ClassMapping
+    from datamodules.synthetic import SyntheticSet
+
+    images = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1).expand(7, 3, 2, 2).contiguous()
+    synthetic = SyntheticSet(images, torch.tensor([0, 1, 0, 1, 0, 1, 0]), ClassMapping(("a", "b"), ("a", "b")))
+    batches = list(DataLoader(SyntheticBatches(synthetic), batch_size=3, shuffle=True, collate_fn=already_batched))
+    assert [len(b[0]) for b in batches] == [3, 3, 1]
+    seen = torch.cat([b[0][:, 0, 0, 0] for b in batches])
+    assert sorted(seen.tolist()) == list(range(7))
+    labels = torch.cat([b[1] for b in batches])
+    assert torch.equal(labels, seen.long() % 2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.matrix import StudentSpec, TeacherSpec, aggregate, markdown_tables, write_heatmap
+from workflows.matrix import StudentSpec, TeacherSpec, aggregate, markdown_tables, write_heatmap
 from lightning_modules.models import build_model
 from student_helpers import CLASSES, SIZE, write_real_folder, write_synthetic_export
 
@@ -128,7 +128,7 @@ def test_tables_show_mean_std_over_seeds_and_mark_best_teacher(tmp_path):
 
 def test_table4_config_parses_into_specs(tmp_path):
     from cli import command_parser
-    from lightning_modules.matrix import matrix
+    from workflows.matrix import matrix
 
     parser = command_parser("matrix", matrix)
     config = parser.instantiate_classes(parser.parse_args(["-c", str(REPO / "configs/matrix/table4.yaml"),

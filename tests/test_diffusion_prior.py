@@ -1,0 +1,197 @@
+"""The diffusion-prior trainer: loss and conditioning functions, a few `cli.py fit` steps, the SD-layout export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+import cli
+from datamodules.real import IMAGENET_MEAN, IMAGENET_STD, ClassMapping
+from datamodules.toy import write_toy_dataset
+from lightning_modules.diffusion import load_prior
+from lightning_modules.diffusion_prior import (
+    DiffusionPrior,
+    PriorLoadError,
+    build_or_load,
+    class_prompts,
+    drop_prompts,
+    encode_prompts,
+    error_gap_map,
+    export_checkpoint,
+    noise_prediction_loss,
+    save_sd_folder,
+    to_vae_range,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "prior" / "toy.yaml"
+
+
+class ScaledInput(torch.nn.Module):
+    """A stand-in UNet: predicts ``gain * noisy latent + mean of the text embedding``."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        bias = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=self.gain * sample + bias)
+
+
+def toy_component_configs() -> dict:
+    return yaml.safe_load(CONFIG.read_text())["model"]["init_args"]
+
+
+def test_noise_prediction_loss_matches_hand_computation():
+    scheduler = DDPMScheduler(num_train_timesteps=10, beta_start=0.1, beta_end=0.5, beta_schedule="linear")
+    latents = torch.tensor([[[[1.0, -2.0]]], [[[0.5, 3.0]]]])  # (2, 1, 1, 2)
+    noise = torch.tensor([[[[0.3, 0.1]]], [[[-1.0, 2.0]]]])
+    timesteps = torch.tensor([0, 3])
+    text = torch.tensor([[[1.0, 3.0]], [[0.0, 0.0]]])  # embedding means 2 and 0
+    betas = [0.1 + (0.5 - 0.1) * i / 9 for i in range(10)]
+    errors = []
+    for b, t in enumerate(timesteps.tolist()):
+        alpha_bar = math.prod(1 - beta for beta in betas[: t + 1])
+        for z, eps in zip(latents[b].flatten().tolist(), noise[b].flatten().tolist()):
+            noisy = math.sqrt(alpha_bar) * z + math.sqrt(1 - alpha_bar) * eps
+            prediction = 0.5 * noisy + text[b].mean().item()
+            errors.append((prediction - eps) ** 2)
+    loss = noise_prediction_loss(ScaledInput(0.5), scheduler, latents, text, noise, timesteps)
+    assert loss.item() == pytest.approx(sum(errors) / len(errors), rel=1e-5)
+
+
+def test_error_gap_map_is_zero_for_equal_prompts_and_signed_by_the_better_prompt():
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    latents, noise = torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5)
+    timesteps = torch.tensor([2, 7])
+    right, wrong = torch.zeros(2, 1, 8), torch.ones(2, 1, 8)  # the stand-in predicts eps = 0 exactly with `right`
+    same = error_gap_map(ScaledInput(1.0), scheduler, latents, wrong, wrong, noise, timesteps)
+    assert same.shape == (2, 4, 5) and torch.count_nonzero(same) == 0
+    gap = error_gap_map(ScaledInput(1.0), scheduler, latents, right, wrong, noise, timesteps)
+    assert torch.allclose(gap, torch.full((2, 4, 5), -3.0))  # 0 - (3 channels x 1^2)
+
+
+def test_drop_prompts_replaces_the_configured_fraction_by_the_null_prompt():
+    labels = torch.randint(0, 10, (20000,), generator=torch.Generator().manual_seed(0))
+    dropped = drop_prompts(labels, null_id=10, fraction=0.15, generator=torch.Generator().manual_seed(1))
+    is_null = dropped == 10
+    assert abs(is_null.float().mean().item() - 0.15) < 0.01
+    assert torch.equal(dropped[~is_null], labels[~is_null])
+    assert torch.equal(drop_prompts(labels, 10, 0.0), labels)
+    assert bool((drop_prompts(labels, 10, 1.0) == 10).all())
+    with pytest.raises(ValueError, match="fraction"):
+        drop_prompts(labels, 10, 1.5)
+
+
+def test_class_prompts_put_the_null_prompt_last():
+    assert class_prompts(["ring", "star"], "An image of {name}", "An image of .") == [
+        "An image of ring", "An image of star", "An image of ."]
+    with pytest.raises(ValueError, match="name"):
+        class_prompts(["ring"], "An image", "An image of .")
+
+
+def test_to_vae_range_undoes_the_data_module_normalisation():
+    pixels = torch.rand(2, 3, 4, 4)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    restored = to_vae_range((pixels - mean) / std, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.allclose(restored, pixels * 2 - 1, atol=1e-6)
+
+
+def test_a_built_prior_has_an_offline_tokenizer_with_one_prompt_per_class(tmp_path):
+    configs = toy_component_configs()
+    parts = build_or_load(None, configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"])
+    ids = parts.tokenizer(["An image of ring", "An image of star", "An image of ."]).input_ids
+    assert len({tuple(i) for i in ids}) == 3
+    assert all(i[0] == parts.text_encoder.config.bos_token_id and i[-1] == parts.text_encoder.config.eos_token_id
+               for i in ids)
+    assert parts.tokenizer.model_max_length == parts.text_encoder.config.max_position_embeddings
+
+
+def test_missing_components_give_one_clear_error():
+    configs = toy_component_configs()
+    with pytest.raises(PriorLoadError, match="unet"):
+        build_or_load(None, None, configs["vae"], configs["text_encoder"], configs["scheduler"])
+    with pytest.raises(PriorLoadError, match="no/such/prior"):
+        build_or_load("no/such/prior", None, configs["vae"], configs["text_encoder"], configs["scheduler"])
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> Path:
+    return write_toy_dataset(str(tmp_path_factory.mktemp("toy")), num_classes=3, image_size=64,
+                             train_per_class=4, val_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def fitted(toy_root, tmp_path_factory) -> Path:
+    """Three steps of `cli.py fit -c configs/prior/toy.yaml` (one VAE step, two UNet steps), exported."""
+    work = tmp_path_factory.mktemp("prior")
+    cli.main(["fit", "-c", str(CONFIG), "--data.root", str(toy_root), "--data.batch_size", "6",
+              "--data.num_workers", "0", "--trainer.max_steps", "3", "--model.vae_steps", "1",
+              "--model.warmup_steps", "1", "--trainer.check_val_every_n_epoch", "1",
+              "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(work / "logs"), "--model.export_dir", str(work / "export")])
+    return work
+
+
+def test_fit_exports_a_folder_that_diffusers_reloads(fitted):
+    out = fitted / "export"
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(out, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(out, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(out, subfolder="scheduler")
+    assert scheduler.config.prediction_type == "epsilon" and unet.config.sample_size == 16
+    assert vae.config.scaling_factor != pytest.approx(0.18215)  # measured on the latents after the VAE step
+    mapping = ClassMapping.load(out / "class_mapping.json")
+    assert mapping.names == ("circle", "square", "triangle")
+    prompts = class_prompts(mapping.names, "An image of {name}", "An image of .")
+    embeddings = encode_prompts(text_encoder, tokenizer, prompts)
+    assert embeddings.shape == (4, tokenizer.model_max_length, unet.config.cross_attention_dim)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    pipeline = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
+    assert torch.equal(pipeline.unet.conv_in.weight, unet.conv_in.weight)
+
+
+def test_the_scoring_pass_loads_the_exported_prior(fitted):
+    prior = load_prior(str(fitted / "export"))
+    assert prior.downsample_factor == 4 and not any(p.requires_grad for p in prior.parameters())
+    mapping = ClassMapping.load(fitted / "export" / "class_mapping.json")
+    embeddings = prior.encode_prompts(class_prompts(mapping.names, "An image of {name}", "An image of ."))
+    latents = prior.encode_images(torch.zeros(1, 3, 64, 64))
+    assert embeddings.shape[0] == 4 and latents.shape == (1, 4, 16, 16)
+    assert prior.unet(latents, 10, encoder_hidden_states=embeddings[:1]).sample.shape == latents.shape
+
+
+def test_any_checkpoint_exports_the_same_prior(fitted, tmp_path):
+    checkpoint = next((fitted / "logs").rglob("*.ckpt"))
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 3
+    out = export_checkpoint(str(checkpoint), str(tmp_path / "again"))
+    first = UNet2DConditionModel.from_pretrained(fitted / "export", subfolder="unet").state_dict()
+    again = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert ClassMapping.load(out / "class_mapping.json").names == ("circle", "square", "triangle")
+
+
+def test_a_loaded_prior_freezes_vae_and_text_encoder(tmp_path):
+    configs = toy_component_configs()
+    parts = build_or_load(None, configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"])
+    parts.vae.register_to_config(scaling_factor=0.5)
+    save_sd_folder(tmp_path, parts)
+    prior = DiffusionPrior(pretrained=str(tmp_path))  # every component loaded: the SD v1.5 fine-tuning path
+    assert prior.latent_scale.item() == pytest.approx(0.5)
+    assert all(p.requires_grad for p in prior.unet.parameters())
+    assert not any(p.requires_grad for p in prior.vae.parameters())
+    assert not any(p.requires_grad for p in prior.text_encoder.parameters())
+    assert prior.tokenizer("An image of .").input_ids == parts.tokenizer("An image of .").input_ids

@@ -1,0 +1,221 @@
+"""The end-to-end demo on the embedded toy data: teacher, prior, scoring, distillation, students, one table.
+
+Every stage writes under ``out`` and is skipped when its result is already there, so an interrupted demo
+resumes where it stopped. Stages run through the same CLI commands a user would type.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from datamodules.export import INFO_FILE, TILES_FILE, read_synthetic_folder
+from datamodules.toy import BOXES_FILE, box_overlap, load_boxes, write_toy_dataset
+from workflows.matrix import StudentSpec, TeacherSpec, matrix
+
+FULL_DATA_ROW = "full data (teacher, CE)"
+
+
+def _run_cli(args: list[str]) -> None:
+    from cli import main
+
+    main(args)
+
+
+def _stage(name: str, done: bool, action: Callable[[], None]) -> None:
+    """Run ``action`` unless ``done``, with the time it took."""
+    if done:
+        print(f"[demo] {name}: done before, skipped")
+        return
+    start = time.perf_counter()
+    print(f"[demo] {name} ...", flush=True)
+    action()
+    print(f"[demo] {name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """``last.ckpt`` of the newest ``lightning_logs/version_N`` under ``root``."""
+    found = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def last_validation_top1(run_dir: Path) -> float:
+    """The last ``val/top1`` a Lightning CSV log holds."""
+    with (run_dir / "metrics.csv").open() as fh:
+        values = [float(row["val/top1"]) for row in csv.DictReader(fh) if row.get("val/top1")]
+    if not values:
+        raise ValueError(f"no val/top1 in {run_dir / 'metrics.csv'}")
+    return values[-1]
+
+
+def localisation_rate(tiles_file: Path, boxes: dict[str, list[int]], split: str, threshold: float) -> float:
+    """Fraction of the selected patches that hold at least ``threshold`` of their image's object."""
+    tiles = pq.read_table(tiles_file, columns=["source_image", "box"]).to_pylist()
+    hits = [box_overlap(t["box"], boxes[f"{split}/{t['source_image']}"]) >= threshold for t in tiles]
+    return float(np.mean(hits))
+
+
+def accuracy_by_cell(results_csv: Path) -> dict[tuple[str, int], list[float]]:
+    """Final top-1 of every finished run, grouped by (selector, IPC)."""
+    cells: dict[tuple[str, int], list[float]] = {}
+    with results_csv.open() as fh:
+        for row in csv.DictReader(fh):
+            if row["status"] == "done":
+                cells.setdefault((row["selector"], int(row["ipc"])), []).append(float(row["final_top1"]))
+    return cells
+
+
+def mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "failed"
+    values = 100 * np.asarray(values)
+    spread = f" ± {values.std(ddof=1):.1f}" if len(values) > 1 else ""
+    return f"{values.mean():.1f}{spread}"
+
+
+def results_markdown(accuracy: dict, localisation: dict, full_data: float, selectors: Sequence[str],
+                     ipcs: Sequence[int], seeds: int) -> str:
+    """The demo table: student top-1 (mean ± std over seeds) and patch localisation, per selector and IPC."""
+    header = ["selector"] + [f"IPC {i} top-1 (%)" for i in ipcs] + [f"IPC {i} localisation (%)" for i in ipcs]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for selector in selectors:
+        cells = [mean_std(accuracy.get((selector, i), [])) for i in ipcs]
+        cells += [f"{100 * localisation[(selector, i)]:.0f}" for i in ipcs]
+        lines.append(f"| {selector} | " + " | ".join(cells) + " |")
+    lines.append(f"| {FULL_DATA_ROW} | " + " | ".join([f"{100 * full_data:.1f}"] * len(ipcs))
+                 + " |" + " — |" * len(ipcs))
+    notes = (f"\nStudent: final top-1 on the real toy validation split, mean ± std over {seeds} seeds. "
+             "Localisation: share of selected patches that contain at least half of their image's object "
+             "(ground-truth boxes). Full data: the ConvNet-D3 teacher itself, trained with cross-entropy on "
+             "all training images (one run).\n")
+    return "\n".join(lines) + "\n" + notes
+
+
+def results_chart(accuracy: dict, localisation: dict, full_data: float, selectors: Sequence[str],
+                  ipcs: Sequence[int], path: Path) -> None:
+    """Grouped bars: student accuracy (left) and patch localisation (right) per IPC and selector."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(selectors)
+    x = np.arange(len(ipcs))
+    for k, selector in enumerate(selectors):
+        runs = [100 * np.asarray(accuracy.get((selector, i), [np.nan])) for i in ipcs]
+        left.bar(x + k * width, [r.mean() for r in runs], width, yerr=[r.std() for r in runs], capsize=3,
+                 label=selector)
+        right.bar(x + k * width, [100 * localisation[(selector, i)] for i in ipcs], width, label=selector)
+    left.axhline(100 * full_data, color="black", linestyle="--", linewidth=1, label=FULL_DATA_ROW)
+    for axis, title in ((left, "student top-1 on real val (%)"), (right, "patches containing the object (%)")):
+        axis.set_xticks(x + width * (len(selectors) - 1) / 2, [f"IPC {i}" for i in ipcs])
+        axis.set_ylim(0, 100)
+        axis.set_title(title)
+    left.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def selection_sheet(syn_root: Path, selectors: Sequence[str], ipc: int, path: Path) -> None:
+    """First synthetic image of every class, one row per selector: what each selector picked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = {s: read_synthetic_folder(syn_root / s / f"ipc{ipc}") for s in selectors}
+    names = next(iter(sets.values())).classes.names
+    fig, axes = plt.subplots(len(selectors), len(names), figsize=(1.3 * len(names), 1.45 * len(selectors)),
+                             squeeze=False)
+    for row, (selector, synthetic) in enumerate(sets.items()):
+        for label, axis in enumerate(axes[row]):
+            image = synthetic.images[synthetic.labels == label][0]
+            axis.imshow(image.permute(1, 2, 0).numpy())
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(names[label], fontsize=8)
+        axes[row][0].set_ylabel(selector, fontsize=9)
+    fig.suptitle(f"IPC {ipc}: first synthetic image of each class", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def demo(
+    out: str = "runs/demo",
+    data: str = "data/toy",
+    prior: str = "runs/prior/toy",
+    teacher_config: str = "configs/teacher/toy_convnet.yaml",
+    prior_config: str = "configs/prior/toy.yaml",
+    score_config: str = "configs/score/toy.yaml",
+    distill_config: str = "configs/distill/toy.yaml",
+    student_configs: list[str] = ["configs/student/rded_defaults.yaml", "configs/student/toy.yaml"],
+    teacher_kwargs: dict = {"width": 32},
+    ipcs: list[int] = [1, 10],
+    selectors: list[str] = ["diffusion", "random", "rded"],
+    seeds: list[int] = [0, 1, 2],
+    student_epochs: int = 100,
+    localisation_threshold: float = 0.5,
+) -> Path:
+    """Run the whole method on the toy data and write runs/demo/results.{md,png} and a contact sheet.
+
+    The prior is read from ``prior`` (an SD-layout folder); when it is missing it is trained first with
+    ``prior_config``.
+    """
+    out_dir, data_dir, prior_dir = Path(out), Path(data), Path(prior)
+    teacher_dir, store_dir, syn_root = out_dir / "teacher", out_dir / "scores", out_dir / "syn"
+    start = time.perf_counter()
+
+    _stage("toy data", (data_dir / BOXES_FILE).is_file(), lambda: write_toy_dataset(str(data_dir)))
+    _stage("teacher", latest_checkpoint(teacher_dir) is not None, lambda: _run_cli(
+        ["fit", "-c", teacher_config, "--data.root", str(data_dir), "--trainer.default_root_dir", str(teacher_dir),
+         "--trainer.enable_progress_bar", "false"]))
+    teacher_checkpoint = latest_checkpoint(teacher_dir)
+    _stage("diffusion prior", (prior_dir / "unet").is_dir(), lambda: _run_cli(
+        ["fit", "-c", prior_config, "--data.root", str(data_dir), "--model.export_dir", str(prior_dir),
+         "--trainer.default_root_dir", str(out_dir / "prior_logs"), "--trainer.enable_progress_bar", "false"]))
+    _stage("scoring (resumes: only unscored images)", False, lambda: _run_cli(
+        ["predict", "-c", score_config, "--data.root", str(data_dir), "--model.prior", str(prior_dir),
+         "--store.dir", str(store_dir), "--trainer.enable_progress_bar", "false"]))
+    for selector in selectors:
+        done = all((syn_root / selector / f"ipc{i}" / INFO_FILE).is_file() for i in ipcs)
+        _stage(f"distil ({selector})", done, lambda s=selector: _run_cli(
+            ["distill", "-c", distill_config, "--store", str(store_dir), "--out", str(syn_root / s), "--selector", s,
+             "--rded.checkpoint", str(teacher_checkpoint), "--overwrite", "true", "--progress", "false",
+             "--ipc", *map(str, ipcs)]))
+    _stage("students", False, lambda: matrix(
+        out=str(out_dir / "students"), base=student_configs,
+        teachers=[TeacherSpec("convnet_d3", checkpoint=str(teacher_checkpoint), kwargs=teacher_kwargs,
+                              label="ConvNet-D3")],
+        students=[StudentSpec("convnet_d3", kwargs=teacher_kwargs, label="ConvNet-D3")],
+        ipcs=ipcs, selectors=selectors, seeds=seeds, num_classes=len(read_synthetic_folder(
+            syn_root / selectors[0] / f"ipc{ipcs[0]}").classes),
+        synthetic_dir=str(syn_root / "{selector}" / "ipc{ipc}"),
+        overrides={"trainer.max_epochs": student_epochs, "data.real.root": str(data_dir)},
+        launcher="inline", title="Toy demo students"))
+
+    boxes = load_boxes(data_dir)
+    localisation = {(s, i): localisation_rate(syn_root / s / f"ipc{i}" / TILES_FILE, boxes, "train",
+                                              localisation_threshold) for s in selectors for i in ipcs}
+    accuracy = accuracy_by_cell(out_dir / "students" / "results.csv")
+    full_data = last_validation_top1(teacher_checkpoint.parents[1])
+    table = results_markdown(accuracy, localisation, full_data, selectors, ipcs, len(seeds))
+    (out_dir / "results.md").write_text(f"# Toy demo results\n\n{table}")
+    results_chart(accuracy, localisation, full_data, selectors, ipcs, out_dir / "results.png")
+    selection_sheet(syn_root, selectors, max(ipcs), out_dir / "contact_sheet.png")
+    (out_dir / "results.json").write_text(json.dumps(
+        {"accuracy": {f"{s}/ipc{i}": v for (s, i), v in accuracy.items()},
+         "localisation": {f"{s}/ipc{i}": v for (s, i), v in localisation.items()}, "full_data": full_data}, indent=1))
+    print(f"\n{table}\nwrote {out_dir / 'results.md'}, results.png, contact_sheet.png "
+          f"({time.perf_counter() - start:.0f} s in all)")
+    return out_dir / "results.md"
+
