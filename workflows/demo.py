@@ -153,7 +153,7 @@ def selection_sheet(syn_root: Path, selectors: Sequence[str], ipc: int, path: Pa
 def demo(
     out: str = "runs/demo",
     data: str = "data/toy",
-    prior: str = "runs/prior/toy",
+    prior: str = "assets/toy_prior",
     teacher_config: str = "configs/teacher/toy_convnet.yaml",
     prior_config: str = "configs/prior/toy.yaml",
     score_config: str = "configs/score/toy.yaml",

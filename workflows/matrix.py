@@ -39,13 +39,10 @@ Launcher = Literal["subprocess", "inline"]
 
 
 @dataclass
-class TeacherSpec:
-    """A teacher row: zoo name, its weights (hub, local checkpoint, or random for a control row), a display label."""
+class NetworkSpec:
+    """A zoo network of the matrix: name, constructor keyword arguments, a display label."""
 
     name: str
-    checkpoint: str | None = None
-    pretrained: bool = False
-    random_init: bool = False
     label: str | None = None
     kwargs: dict = field(default_factory=dict)
 
@@ -55,17 +52,19 @@ class TeacherSpec:
 
 
 @dataclass
-class StudentSpec:
-    """A student column: zoo name, optional learning rate (else the config's table), a display label."""
+class TeacherSpec(NetworkSpec):
+    """A teacher row: its weights come from the hub, a local checkpoint, or nowhere (a random control row)."""
 
-    name: str
+    checkpoint: str | None = None
+    pretrained: bool = False
+    random_init: bool = False
+
+
+@dataclass
+class StudentSpec(NetworkSpec):
+    """A student column: optional learning rate (else the config's per-architecture table)."""
+
     lr: float | None = None
-    label: str | None = None
-    kwargs: dict = field(default_factory=dict)
-
-    @property
-    def title(self) -> str:
-        return self.label or self.name
 
 
 @dataclass
