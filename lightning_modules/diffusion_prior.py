@@ -134,16 +134,6 @@ def paired_error_maps(unet: nn.Module, scheduler: DDPMScheduler, latents: torch.
     return cond_errors, null_errors
 
 
-def error_gap_map(unet: nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor, cond: torch.Tensor,
-                  null: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """``L_cond - L_null`` per location ``(B, h, w)`` for one (t, eps) draw (DESIGN section 3's R map).
-
-    Negative where the class prompt helps to denoise, i.e. where the class object is.
-    """
-    cond_errors, null_errors = paired_error_maps(unet, scheduler, latents, cond, null, noise, timesteps)
-    return cond_errors - null_errors
-
-
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
     """Reconstruction MSE of a sampled latent plus ``kl_weight`` times the KL to the unit Gaussian (per element)."""
     posterior = vae.encode(images).latent_dist

@@ -25,9 +25,9 @@ from lightning_modules.diffusion_prior import (
     class_prompts,
     drop_prompts,
     encode_prompts,
-    error_gap_map,
     export_checkpoint,
     noise_prediction_loss,
+    paired_error_maps,
     save_sd_folder,
     to_vae_range,
 )
@@ -71,14 +71,16 @@ def test_noise_prediction_loss_matches_hand_computation():
     assert loss.item() == pytest.approx(sum(errors) / len(errors), rel=1e-5)
 
 
-def test_error_gap_map_is_zero_for_equal_prompts_and_signed_by_the_better_prompt():
+def test_paired_error_gap_is_zero_for_equal_prompts_and_signed_by_the_better_prompt():
     scheduler = DDPMScheduler(num_train_timesteps=10)
     latents, noise = torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5)
     timesteps = torch.tensor([2, 7])
     right, wrong = torch.zeros(2, 1, 8), torch.ones(2, 1, 8)  # the stand-in predicts eps = 0 exactly with `right`
-    same = error_gap_map(ScaledInput(1.0), scheduler, latents, wrong, wrong, noise, timesteps)
+    cond, null = paired_error_maps(ScaledInput(1.0), scheduler, latents, wrong, wrong, noise, timesteps)
+    same = cond - null
     assert same.shape == (2, 4, 5) and torch.count_nonzero(same) == 0
-    gap = error_gap_map(ScaledInput(1.0), scheduler, latents, right, wrong, noise, timesteps)
+    cond, null = paired_error_maps(ScaledInput(1.0), scheduler, latents, right, wrong, noise, timesteps)
+    gap = cond - null
     assert torch.allclose(gap, torch.full((2, 4, 5), -3.0))  # 0 - (3 channels x 1^2)
 
 
