@@ -32,7 +32,8 @@ HIT_OVERLAP = 0.5
 def chance_hit_rate(truth: list[int], image_side: int, patch_side: int) -> float:
     """Hit rate of a uniformly random patch position (integer pixels) for one ground-truth box."""
     positions = range(image_side - patch_side + 1)
-    hits = [box_overlap([x, y, x + patch_side, y + patch_side], truth) >= HIT_OVERLAP for y in positions for x in positions]
+    hits = [box_overlap([x, y, x + patch_side, y + patch_side], truth) >= HIT_OVERLAP
+            for y in positions for x in positions]
     return sum(hits) / len(hits)
 
 

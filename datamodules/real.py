@@ -313,7 +313,8 @@ class RealDataModule(L.LightningDataModule):
         return LabelledImages(self.source("train"), tf)
 
     def eval_dataset(self) -> Dataset:
-        return LabelledImages(self.source("val"), eval_transform(self.image_size, self.eval_resize, self.mean, self.std))
+        tf = eval_transform(self.image_size, self.eval_resize, self.mean, self.std)
+        return LabelledImages(self.source("val"), tf)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset(), self.batch_size, shuffle=True)

@@ -51,7 +51,8 @@ SHAPES: dict[str, list[tuple[list[Point], bool]]] = {
     "ring": [(_regular_polygon(48), True), ([(0.55 * x, 0.55 * y) for x, y in _regular_polygon(48)], False)],
     "diamond": [([(0, -1), (0.65, 0), (0, 1), (-0.65, 0)], True)],
     "hexagon": [(_regular_polygon(6), True)],
-    "crescent": [(_regular_polygon(48), True), ([(0.85 * x + 0.45, 0.85 * y - 0.1) for x, y in _regular_polygon(48)], False)],
+    "crescent": [(_regular_polygon(48), True),
+                 ([(0.85 * x + 0.45, 0.85 * y - 0.1) for x, y in _regular_polygon(48)], False)],
     "arrow": [(_arrow(), True)],
 }
 
