@@ -48,8 +48,8 @@ class RealValidation:
 
     Mixed into a LightningModule that has ``forward``, ``val_metrics`` (see :func:`accuracy_metrics`) and
     ``_build(num_classes)``; without ``num_classes`` in its hyper-parameters the module is built in ``setup``
-    with the data module's class count. The metrics are computed and reset in the module's own
-    ``on_validation_epoch_end``.
+    with the data module's class count. Validation metrics are computed and reset in the module's own
+    ``on_validation_epoch_end``; test metrics are logged here as ``test/top1``, ``test/top5``.
     """
 
     def setup(self, stage: str) -> None:
@@ -60,14 +60,22 @@ class RealValidation:
             self._build(datamodule.num_classes)
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict({name.replace("val/", "test/"): value for name, value in metrics.items()})
+
+    def _evaluate(self, batch, stage: str) -> None:
         if batch.labels.numel() == 0:
             return
         logits = self(batch.images)
-        self.log("val/loss", F.cross_entropy(logits, batch.labels), batch_size=len(batch.labels), sync_dist=True)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, batch.labels), batch_size=len(batch.labels), sync_dist=True)
         self.val_metrics.update(logits, batch.labels)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
 
 
 class Classifier(RealValidation, L.LightningModule):
@@ -123,9 +131,6 @@ class Classifier(RealValidation, L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
 
     def _count_skipped(self, batch) -> None:
         """Unreadable images dropped by the loader are counted and logged, not fatal."""

@@ -239,11 +239,6 @@ class FKDStudent(RealValidation, L.LightningModule):
             self.best_top1, self.best_epoch = metrics["val/top1"], self.current_epoch
         self.log("val/top1_best", self.best_top1)
 
-    def on_test_epoch_end(self) -> None:
-        metrics = self.val_metrics.compute()
-        self.val_metrics.reset()
-        self.log_dict({name.replace("val/", "test/"): value for name, value in metrics.items()})
-
     def summary(self) -> dict:
         """Final and best validation accuracy of this fit, as written to ``summary.json``."""
         return {

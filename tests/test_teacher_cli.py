@@ -67,3 +67,17 @@ def test_toydata_command_and_print_config(tmp_path: Path, capsys) -> None:
 def test_data_error_type_for_bad_root(tmp_path: Path) -> None:
     with pytest.raises(DataError):
         _ = ImageFolderDataModule(str(tmp_path / "x")).class_mapping
+
+
+def test_test_command_reports_test_metrics(toy_root: Path, tmp_path: Path) -> None:
+    from lightning import Trainer
+
+    from lightning_modules.classifier import Classifier
+
+    dm = ImageFolderDataModule(str(toy_root), image_size=32, eval_resize=32, num_workers=0, batch_size=8)
+    model = Classifier("convnet_d3", image_size=32, model_kwargs={"width": 8})
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      default_root_dir=str(tmp_path))
+    results = trainer.test(model, datamodule=dm)[0]
+    assert {"test/loss", "test/top1", "test/top5"} <= set(results)
+    assert 0.0 <= results["test/top1"] <= results["test/top5"] <= 1.0
