@@ -71,12 +71,27 @@ def accuracy_by_cell(results_csv: Path) -> dict[tuple[str, int], list[float]]:
     return cells
 
 
+def seed_statistics(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single run) of accuracies, in percent."""
+    values = 100 * np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def mean_std(values: Sequence[float]) -> str:
     if not values:
         return "failed"
-    values = 100 * np.asarray(values)
-    spread = f" ± {values.std(ddof=1):.1f}" if len(values) > 1 else ""
-    return f"{values.mean():.1f}{spread}"
+    mean, std = seed_statistics(values)
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def results_markdown(accuracy: dict, localisation: dict, full_data: float, selectors: Sequence[str],
@@ -99,19 +114,14 @@ def results_markdown(accuracy: dict, localisation: dict, full_data: float, selec
 
 def results_chart(accuracy: dict, localisation: dict, full_data: float, selectors: Sequence[str],
                   ipcs: Sequence[int], path: Path) -> None:
-    """Grouped bars: student accuracy (left) and patch localisation (right) per IPC and selector."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Grouped bars: student accuracy (left, mean ± std over seeds) and patch localisation (right)."""
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(selectors)
     x = np.arange(len(ipcs))
     for k, selector in enumerate(selectors):
-        runs = [100 * np.asarray(accuracy.get((selector, i), [np.nan])) for i in ipcs]
-        left.bar(x + k * width, [r.mean() for r in runs], width, yerr=[r.std() for r in runs], capsize=3,
-                 label=selector)
+        means, stds = zip(*(seed_statistics(accuracy.get((selector, i), [np.nan])) for i in ipcs))
+        left.bar(x + k * width, means, width, yerr=stds, capsize=3, label=selector)
         right.bar(x + k * width, [100 * localisation[(selector, i)] for i in ipcs], width, label=selector)
     left.axhline(100 * full_data, color="black", linestyle="--", linewidth=1, label=FULL_DATA_ROW)
     for axis, title in ((left, "student top-1 on real val (%)"), (right, "patches containing the object (%)")):
@@ -126,10 +136,7 @@ def results_chart(accuracy: dict, localisation: dict, full_data: float, selector
 
 def selection_sheet(syn_root: Path, selectors: Sequence[str], ipc: int, path: Path) -> None:
     """First synthetic image of every class, one row per selector: what each selector picked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     sets = {s: read_synthetic_folder(syn_root / s / f"ipc{ipc}") for s in selectors}
     names = next(iter(sets.values())).classes.names
