@@ -17,9 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.real import IMAGENET_MEAN, IMAGENET_STD, ClassMapping
+from datamodules.real import IMAGENET_MEAN, IMAGENET_STD, ClassMapping, teacher_class_folders
 from datamodules.selection import NotEnoughPatchesError
-from datamodules.subsets import imagenet_wnids
 from lightning_modules.models import build_model
 
 
@@ -110,7 +109,7 @@ class TeacherScorer:
 
     def __init__(self, options: RDEDOptions, store_classes: ClassMapping, output_size: int) -> None:
         self.options = options
-        folders = _teacher_folders(options.teacher_classes, store_classes)
+        folders = teacher_class_folders(options.teacher_classes, store_classes.folders)
         self.index = {folder: i for i, folder in enumerate(folders)}
         self.input_size = options.teacher_image_size or output_size
         self.device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else
@@ -136,14 +135,6 @@ class TeacherScorer:
             logits = self.model(x.to(self.device)).float()
             out.append(logits.log_softmax(1)[:, target].cpu())
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
-
-
-def _teacher_folders(spec: str | None, store_classes: ClassMapping) -> list[str]:
-    if spec is None:
-        return list(store_classes.folders)
-    if spec == "imagenet1k":
-        return imagenet_wnids()
-    return list(ClassMapping.load(spec).folders)
 
 
 def rded_tile_order(count: int, grid: int) -> np.ndarray:

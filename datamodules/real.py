@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from datamodules.subsets import display_name, resolve_classes
+from datamodules.subsets import display_name, imagenet_wnids, resolve_classes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -245,6 +245,30 @@ def save_class_mapping(trainer, mapping: ClassMapping) -> None:
     log_dir = Path(trainer.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     mapping.save(log_dir / CLASS_MAPPING_FILE)
+
+
+def teacher_class_folders(spec: str | None, data_folders: Sequence[str]) -> list[str]:
+    """A teacher's output classes, in its output order.
+
+    ``spec``: ``None`` = the data's own classes, ``"imagenet1k"`` = the 1000 ImageNet-1K wnids (hub-pretrained
+    models), or the path of a ``class_mapping.json`` written by the teacher's run.
+    """
+    if spec is None:
+        return list(data_folders)
+    if spec == "imagenet1k":
+        return imagenet_wnids()
+    return list(ClassMapping.load(spec).folders)
+
+
+def teacher_output_positions(teacher_folders: Sequence[str], data_folders: Sequence[str]) -> list[int]:
+    """Position of each data class among a teacher's outputs; an error names the classes the teacher lacks."""
+    position = {folder: i for i, folder in enumerate(teacher_folders)}
+    missing = [f for f in data_folders if f not in position]
+    if missing:
+        raise DataError(f"{len(missing)} of the data's classes are not among the teacher's {len(teacher_folders)} "
+                        f"output classes (e.g. {missing[:3]}); say which classes its outputs are "
+                        "(teacher_classes: imagenet1k or a class_mapping.json)")
+    return [position[f] for f in data_folders]
 
 
 def train_transform(image_size: int, scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]):

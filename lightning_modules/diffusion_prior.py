@@ -103,11 +103,33 @@ def to_vae_range(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float
     return (images * std_t + mean_t) * 2 - 1
 
 
+LOSS_WEIGHTINGS = ("epsilon", "v")
+
+
+def timestep_loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, weighting: str = "epsilon",
+                          max_weight: float | None = None) -> torch.Tensor:
+    """Per-sample weights of the epsilon loss at ``timesteps``.
+
+    ``"epsilon"``: 1 (DDPM's simple loss). ``"v"``: ``1 / abar_t = 1 + 1 / SNR_t``, which makes the epsilon loss
+    equal to the v-prediction loss; it weights the noisy end, where the prompt is the main source of information,
+    up to ~200x. ``max_weight`` caps the weights.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    if weighting == "epsilon":
+        weights = torch.ones(timesteps.shape, device=timesteps.device)
+    else:
+        weights = 1.0 / scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return weights if max_weight is None else weights.clamp_max(max_weight)
+
+
 def noise_prediction_loss(unet: nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
-                          text_embeddings: torch.Tensor, noise: torch.Tensor,
-                          timesteps: torch.Tensor) -> torch.Tensor:
-    """DDPM epsilon-prediction loss: mean of ``(unet(add_noise(z, eps, t), t, text) - eps)^2``."""
-    return noise_prediction_errors(unet, scheduler, latents, text_embeddings, noise, timesteps).mean()
+                          text_embeddings: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                          weights: torch.Tensor | None = None) -> torch.Tensor:
+    """DDPM epsilon-prediction loss: mean of ``w_t (unet(add_noise(z, eps, t), t, text) - eps)^2`` (w = 1 if None)."""
+    errors = noise_prediction_errors(unet, scheduler, latents, text_embeddings, noise, timesteps)
+    per_sample = errors.flatten(1).mean(1)
+    return per_sample.mean() if weights is None else (per_sample * weights).mean()
 
 
 def noise_prediction_errors(unet: nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
@@ -121,24 +143,35 @@ def noise_prediction_errors(unet: nn.Module, scheduler: DDPMScheduler, latents: 
     return (predicted.float() - noise.float()).square()
 
 
-def paired_error_maps(unet: nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor, cond: torch.Tensor,
-                      null: torch.Tensor, noise: torch.Tensor,
-                      timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-location errors ``(B, h, w)`` (summed over latent channels) with the class and with the null prompt.
+def prompt_errors(unet: nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor, embeddings: torch.Tensor,
+                  noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Mean squared noise-prediction error ``(B, P)`` of every image under each of the ``P`` prompts.
 
-    Both prompts see the same noisy latent (same t and eps), in one UNet batch of 2B.
+    All prompts see the same noisy latent of an image (same t and eps), in one UNet batch of ``P * B``.
     """
-    errors = noise_prediction_errors(unet, scheduler, latents.repeat(2, 1, 1, 1), torch.cat([cond, null]),
-                                     noise.repeat(2, 1, 1, 1), timesteps.repeat(2)).sum(dim=1)
-    cond_errors, null_errors = errors.chunk(2)
-    return cond_errors, null_errors
+    num_prompts, batch = embeddings.shape[0], latents.shape[0]
+    errors = noise_prediction_errors(unet, scheduler, latents.repeat(num_prompts, 1, 1, 1),
+                                     embeddings.repeat_interleave(batch, dim=0), noise.repeat(num_prompts, 1, 1, 1),
+                                     timesteps.repeat(num_prompts))
+    return errors.flatten(1).mean(1).view(num_prompts, batch).T
 
 
-def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
-    """Reconstruction MSE of a sampled latent plus ``kl_weight`` times the KL to the unit Gaussian (per element)."""
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, chroma_weight: float = 0.0) -> torch.Tensor:
+    """Pixel MSE plus ``chroma_weight`` times the MSE of the colour part of the error (its deviation from the
+    per-pixel mean over RGB): small autoencoders learn brightness long before colour, which can carry the class."""
+    error = reconstruction - images
+    loss = error.square().mean()
+    if chroma_weight:
+        loss = loss + chroma_weight * (error - error.mean(dim=1, keepdim=True)).square().mean()
+    return loss
+
+
+def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, chroma_weight: float = 0.0) -> torch.Tensor:
+    """Reconstruction loss of a sampled latent plus ``kl_weight`` times the KL to the unit Gaussian (per element)."""
     posterior = vae.encode(images).latent_dist
     reconstruction = vae.decode(posterior.sample()).sample
-    return F.mse_loss(reconstruction, images) + kl_weight * posterior.kl().mean() / posterior.mean[0].numel()
+    return (reconstruction_loss(reconstruction, images, chroma_weight)
+            + kl_weight * posterior.kl().mean() / posterior.mean[0].numel())
 
 
 def latent_scale_of(latents: torch.Tensor) -> float:
@@ -210,8 +243,12 @@ class DiffusionPrior(L.LightningModule):
         prompt_template: class prompt, ``{name}`` is the class's display name from the data module.
         null_prompt: the unconditional prompt.
         null_prompt_fraction: fraction of training prompts replaced by the null prompt.
+        loss_weighting: ``"epsilon"`` (DDPM's simple loss) or ``"v"`` (weights ``1 / abar_t``, the v-prediction
+            loss on the same epsilon-predicting network); ``max_loss_weight`` caps the weights.
         vae_steps: the first steps train the VAE alone (reconstruction + KL); afterwards it is frozen.
+        vae_learning_rate: learning rate of a built VAE (``None``: ``learning_rate``).
         kl_weight: weight of the VAE's KL term.
+        chroma_weight: extra weight of the colour part of the VAE's reconstruction error.
         train_text_encoder: train a built text encoder with the UNet (a loaded one always stays frozen).
         latent_scale: latent scaling factor; ``None``: the loaded VAE's ``scaling_factor``, or measured as
             ``1 / std`` of the first diffusion batch's latents for a built VAE.
@@ -229,8 +266,12 @@ class DiffusionPrior(L.LightningModule):
         prompt_template: str = "An image of {name}",
         null_prompt: str = "An image of .",
         null_prompt_fraction: float = 0.1,
+        loss_weighting: str = "epsilon",
+        max_loss_weight: float | None = None,
         vae_steps: int = 0,
+        vae_learning_rate: float | None = None,
         kl_weight: float = 1e-6,
+        chroma_weight: float = 0.0,
         train_text_encoder: bool = False,
         latent_scale: float | None = None,
         learning_rate: float = 1e-4,
@@ -242,6 +283,8 @@ class DiffusionPrior(L.LightningModule):
         self.save_hyperparameters()
         if not 0.0 <= null_prompt_fraction <= 1.0:
             raise ValueError(f"null_prompt_fraction must lie in [0, 1], got {null_prompt_fraction}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
         if train_text_encoder and text_encoder is None:
             raise ValueError("train_text_encoder needs a built text encoder (a loaded one stays frozen)")
         parts = build_or_load(pretrained, unet, vae, text_encoder, scheduler)
@@ -315,7 +358,8 @@ class DiffusionPrior(L.LightningModule):
         if batch.images.numel() == 0:
             return None
         if self.in_vae_phase():
-            loss = vae_loss(self.vae, self._vae_input(batch.images), self.hparams.kl_weight)
+            loss = vae_loss(self.vae, self._vae_input(batch.images), self.hparams.kl_weight,
+                            self.hparams.chroma_weight)
             self.log("train/vae_loss", loss, prog_bar=True, batch_size=len(batch.labels))
             return loss
         self.vae.requires_grad_(False)
@@ -325,38 +369,49 @@ class DiffusionPrior(L.LightningModule):
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   device=self.device)
+        weights = timestep_loss_weights(self.noise_scheduler, timesteps, self.hparams.loss_weighting,
+                                        self.hparams.max_loss_weight)
         loss = noise_prediction_loss(self.unet, self.noise_scheduler, latents, self.prompt_embeddings(prompt_ids),
-                                     noise, timesteps)
+                                     noise, timesteps, weights)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.labels))
         return loss
 
     def validation_step(self, batch: ImageBatch, batch_idx: int) -> None:
-        """Reconstruction error in the VAE phase; afterwards the conditional loss and the text gain."""
+        """VAE phase: reconstruction error. Then: conditional loss, text gain and prompt accuracy.
+
+        ``val/text_gain`` is the null prompt's error minus the class prompt's (what the scoring pass measures);
+        ``val/prompt_accuracy`` the fraction of images whose own class prompt gives the lowest error of all class
+        prompts (the prior used as a classifier: chance is 1 / C when it ignores the prompt).
+        """
         if batch.images.numel() == 0:
             return
+        size = len(batch.labels)
         if self.in_vae_phase():
-            loss = vae_loss(self.vae, self._vae_input(batch.images), self.hparams.kl_weight)
-            self.log("val/vae_loss", loss, batch_size=len(batch.labels))
+            loss = vae_loss(self.vae, self._vae_input(batch.images), self.hparams.kl_weight,
+                            self.hparams.chroma_weight)
+            self.log("val/vae_loss", loss, batch_size=size)
             return
         latents = self.encode_images(batch.images)
         generator = torch.Generator(device="cpu").manual_seed(batch_idx)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,),
                                   generator=generator).to(self.device)
-        null_ids = torch.full_like(batch.labels, len(self.class_mapping))
-        cond_errors, null_errors = paired_error_maps(self.unet, self.noise_scheduler, latents,
-                                                     self.prompt_embeddings(batch.labels),
-                                                     self.prompt_embeddings(null_ids), noise, timesteps)
-        channels, size = latents.shape[1], len(batch.labels)
-        self.log("val/loss", cond_errors.mean() / channels, prog_bar=True, batch_size=size)
-        self.log("val/text_gain", (null_errors - cond_errors).mean() / channels, prog_bar=True, batch_size=size)
+        all_prompts = torch.arange(len(self.class_mapping) + 1, device=self.device)
+        errors = prompt_errors(self.unet, self.noise_scheduler, latents, self.prompt_embeddings(all_prompts), noise,
+                               timesteps)
+        own = errors.gather(1, batch.labels.view(-1, 1)).squeeze(1)
+        self.log("val/loss", own.mean(), prog_bar=True, batch_size=size)
+        self.log("val/text_gain", (errors[:, -1] - own).mean(), prog_bar=True, batch_size=size)
+        accuracy = (errors[:, :-1].argmin(dim=1) == batch.labels).float().mean()
+        self.log("val/prompt_accuracy", accuracy, prog_bar=True, batch_size=size)
 
     def configure_optimizers(self):
         """AdamW; the VAE group at a constant rate, the rest warmed up linearly from the end of the VAE phase."""
         vae_params = [p for p in self.vae.parameters() if p.requires_grad]
         vae_ids = {id(p) for p in vae_params}
         other_params = [p for p in self.parameters() if p.requires_grad and id(p) not in vae_ids]
-        groups = [{"params": other_params}] + ([{"params": vae_params}] if vae_params else [])
+        vae_rate = self.hparams.vae_learning_rate or self.hparams.learning_rate
+        groups = [{"params": other_params}] + ([{"params": vae_params, "lr": vae_rate}] if vae_params else [])
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         start, warmup = self.hparams.vae_steps, max(1, self.hparams.warmup_steps)
         lambdas = [lambda step: min(1.0, max(0, step + 1 - start) / warmup), lambda step: 1.0][: len(groups)]

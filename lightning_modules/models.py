@@ -56,6 +56,18 @@ class ConvNet(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+class OutputSubset(nn.Module):
+    """A classifier whose logits are cut to some of its classes (a 1000-class teacher on an ImageNet subset)."""
+
+    def __init__(self, model: nn.Module, positions: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("positions", torch.tensor(positions, dtype=torch.long), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images).index_select(1, self.positions)
+
+
 def build_model(
     name: str,
     num_classes: int = 1000,

@@ -20,8 +20,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from datamodules.augment import AugmentOptions, MixMode, augment_batch, mix_batch
+from datamodules.real import teacher_class_folders, teacher_output_positions
 from lightning_modules.classifier import RealValidation, accuracy_metrics, build_optimizer
-from lightning_modules.models import build_model
+from lightning_modules.models import OutputSubset, build_model
 
 # Checkpoints store the augmentation options among the hyper-parameters; let weights-only loading accept them.
 torch.serialization.add_safe_globals([AugmentOptions])
@@ -119,6 +120,11 @@ class FKDStudent(RealValidation, L.LightningModule):
     mixing (20 with CutMix, 4 with Mixup). A teacher without weights is an error unless ``random_teacher`` asks
     for one (a control row of a matrix). The teacher is rebuilt from its own source when a checkpoint of this
     module is loaded, so checkpoints hold the student only.
+
+    A teacher with more outputs than the data has classes (a hub-pretrained ImageNet-1K teacher on ImageNette,
+    say) is cut to the data's classes: ``teacher_classes`` names its output classes (``"imagenet1k"``, the
+    default for ``teacher_pretrained``, or a teacher run's ``class_mapping.json``), and ``teacher_outputs``
+    records (its class count, the data classes' positions) in the checkpoint; it is filled in ``setup``.
     """
 
     def __init__(
@@ -130,6 +136,8 @@ class FKDStudent(RealValidation, L.LightningModule):
         teacher_checkpoint: str | None = None,
         random_teacher: bool = False,
         teacher_kwargs: dict | None = None,
+        teacher_classes: str | None = None,
+        teacher_outputs: tuple[int, list[int]] | None = None,
         student_kwargs: dict | None = None,
         model_image_size: int | None = None,
         augment: AugmentOptions | dict = AugmentOptions(),
@@ -169,12 +177,11 @@ class FKDStudent(RealValidation, L.LightningModule):
         if not (hp.teacher_pretrained or hp.teacher_checkpoint or hp.random_teacher):
             raise ValueError("the teacher needs weights: teacher_pretrained=true or teacher_checkpoint=PATH "
                              "(random_teacher=true for a randomly initialised control teacher)")
-        if hp.teacher_pretrained and num_classes != 1000:
-            raise ValueError(f"a pretrained hub teacher has 1000 ImageNet outputs but the data has {num_classes} "
-                             f"classes: pass teacher_checkpoint=PATH of a teacher trained on these classes")
-        self.teacher = build_model(hp.teacher, num_classes, pretrained=hp.teacher_pretrained,
-                                   checkpoint=hp.teacher_checkpoint, image_size=hp.model_image_size,
-                                   **(hp.teacher_kwargs or {}))
+        teacher_classes, positions = hp.teacher_outputs or (num_classes, None)
+        teacher = build_model(hp.teacher, teacher_classes, pretrained=hp.teacher_pretrained,
+                              checkpoint=hp.teacher_checkpoint, image_size=hp.model_image_size,
+                              **(hp.teacher_kwargs or {}))
+        self.teacher = teacher if positions is None else OutputSubset(teacher, positions)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.student = build_model(hp.student, num_classes, image_size=hp.model_image_size,
@@ -184,6 +191,21 @@ class FKDStudent(RealValidation, L.LightningModule):
             self.student.to(memory_format=torch.channels_last)
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.hparams.num_classes = num_classes
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.num_classes is None and self.hparams.teacher_outputs is None:
+            self.hparams.teacher_outputs = self._teacher_outputs(self.trainer.datamodule)
+        super().setup(stage)
+
+    def _teacher_outputs(self, datamodule) -> tuple[int, list[int]] | None:
+        """(teacher's class count, position of each data class among its outputs), or None when they coincide."""
+        spec = self.hparams.teacher_classes or ("imagenet1k" if self.hparams.teacher_pretrained else None)
+        if spec is None or datamodule is None:
+            return None
+        data_folders = datamodule.class_mapping.folders
+        teacher_folders = teacher_class_folders(spec, data_folders)
+        positions = teacher_output_positions(teacher_folders, data_folders)
+        return None if positions == list(range(len(teacher_folders))) else (len(teacher_folders), positions)
 
     def train(self, mode: bool = True) -> "FKDStudent":
         """Lightning puts the module in train mode every epoch; the teacher stays in eval mode."""

@@ -27,7 +27,8 @@ from lightning_modules.diffusion_prior import (
     encode_prompts,
     export_checkpoint,
     noise_prediction_loss,
-    paired_error_maps,
+    prompt_errors,
+    timestep_loss_weights,
     save_sd_folder,
     to_vae_range,
 )
@@ -71,17 +72,37 @@ def test_noise_prediction_loss_matches_hand_computation():
     assert loss.item() == pytest.approx(sum(errors) / len(errors), rel=1e-5)
 
 
-def test_paired_error_gap_is_zero_for_equal_prompts_and_signed_by_the_better_prompt():
+def test_prompt_errors_rank_the_prompt_that_predicts_the_noise_first():
     scheduler = DDPMScheduler(num_train_timesteps=10)
     latents, noise = torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5)
     timesteps = torch.tensor([2, 7])
-    right, wrong = torch.zeros(2, 1, 8), torch.ones(2, 1, 8)  # the stand-in predicts eps = 0 exactly with `right`
-    cond, null = paired_error_maps(ScaledInput(1.0), scheduler, latents, wrong, wrong, noise, timesteps)
-    same = cond - null
-    assert same.shape == (2, 4, 5) and torch.count_nonzero(same) == 0
-    cond, null = paired_error_maps(ScaledInput(1.0), scheduler, latents, right, wrong, noise, timesteps)
-    gap = cond - null
-    assert torch.allclose(gap, torch.full((2, 4, 5), -3.0))  # 0 - (3 channels x 1^2)
+    # the stand-in predicts eps = embedding mean: prompt 1 is exact, prompts 0 and 2 are off by 1 and 2
+    embeddings = torch.tensor([1.0, 0.0, 2.0]).view(3, 1, 1).expand(3, 1, 8)
+    errors = prompt_errors(ScaledInput(1.0), scheduler, latents, embeddings, noise, timesteps)
+    assert errors.shape == (2, 3)
+    assert torch.allclose(errors, torch.tensor([[1.0, 0.0, 4.0]] * 2))
+
+
+def test_v_weighting_is_one_over_alpha_bar_and_can_be_capped():
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012)
+    timesteps = torch.tensor([0, 500, 999])
+    assert torch.equal(timestep_loss_weights(scheduler, timesteps, "epsilon"), torch.ones(3))
+    weights = timestep_loss_weights(scheduler, timesteps, "v")
+    assert torch.allclose(weights, 1 / scheduler.alphas_cumprod[timesteps])
+    assert weights[0] == pytest.approx(1.0, abs=1e-3) and weights[2] > 100
+    assert timestep_loss_weights(scheduler, timesteps, "v", max_weight=5.0)[2] == 5.0
+    with pytest.raises(ValueError, match="weighting"):
+        timestep_loss_weights(scheduler, timesteps, "snr")
+
+
+def test_weighted_loss_is_the_weighted_mean_of_per_sample_losses():
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    latents, noise = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    text = torch.tensor([1.0, 3.0]).view(2, 1, 1)  # per-sample squared errors 1 and 9
+    loss = noise_prediction_loss(ScaledInput(1.0), scheduler, latents, text, noise, torch.tensor([1, 2]),
+                                 torch.tensor([2.0, 0.5]))
+    assert loss.item() == pytest.approx((2 * 1 + 0.5 * 9) / 2)
 
 
 def test_drop_prompts_replaces_the_configured_fraction_by_the_null_prompt():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from itertools import permutations
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -15,6 +16,9 @@ from torchvision.transforms import RandomResizedCrop
 
 from datamodules.augment import (AugmentOptions, augment_batch, cutmix, mixup, per_sample_transform, resized_crops,
                                  sample_crop_boxes, shuffle_patches)
+from datamodules.real import ClassMapping, DataError
+from datamodules.subsets import imagenet_wnids
+from lightning_modules.models import build_model
 from lightning_modules.student import (FKDStudent, RDEDValidationSchedule, kd_kl_loss, learning_rate_for, lr_factor, rded_batch_size,
                                        rded_validates, weight_decay_groups)
 from student_helpers import SIZE, SquaresData, train_teacher
@@ -221,3 +225,26 @@ def test_validation_under_ddp_equals_single_process(tmp_path):
     assert 0 < single["val/top1"] < 1  # a random student: some but not all right
     for key in ("val/top1", "val/top5"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6)
+
+
+def test_a_1000_class_teacher_is_cut_to_the_data_classes(tmp_path):
+    teacher = build_model("convnet_d3", 1000, image_size=SIZE, width=8)
+    torch.save(teacher.state_dict(), tmp_path / "imagenet_teacher.pt")
+    folders = ["n01440764", "n03000684"]  # tench (ImageNet output 0) and chain saw, two ImageNette classes
+    options = dict(teacher="convnet_d3", student="convnet_d3",
+                   teacher_checkpoint=str(tmp_path / "imagenet_teacher.pt"), teacher_classes="imagenet1k",
+                   teacher_kwargs={"width": 8}, student_kwargs={"width": 8}, model_image_size=SIZE, lr=1e-3)
+    module = FKDStudent(**options)
+    data = SimpleNamespace(class_mapping=ClassMapping.for_folders(folders))
+    module.hparams.teacher_outputs = module._teacher_outputs(data)
+    module._build(len(folders))
+    images = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = teacher(images)[:, [0, imagenet_wnids().index("n03000684")]]
+        assert torch.allclose(module.teacher(images), expected)
+        reloaded = FKDStudent(**module.hparams)  # what load_from_checkpoint does: the cut is in the hyper-parameters
+        assert torch.allclose(reloaded.teacher(images), expected)
+    assert module.student(images).shape == (3, 2)
+    with pytest.raises(DataError, match="not among the teacher's 1000"):
+        module._teacher_outputs(SimpleNamespace(class_mapping=ClassMapping.for_folders(["cat", "dog"])))
+    assert FKDStudent(**{**options, "teacher_classes": None})._teacher_outputs(data) is None  # the data's own classes
