@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from lightning_modules.diffusion_prior import (
     DiffusionPrior,
     PriorLoadError,
     build_or_load,
+    candidate_prompts,
     class_prompts,
     drop_prompts,
     encode_prompts,
@@ -76,11 +78,22 @@ def test_prompt_errors_rank_the_prompt_that_predicts_the_noise_first():
     scheduler = DDPMScheduler(num_train_timesteps=10)
     latents, noise = torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5)
     timesteps = torch.tensor([2, 7])
-    # the stand-in predicts eps = embedding mean: prompt 1 is exact, prompts 0 and 2 are off by 1 and 2
-    embeddings = torch.tensor([1.0, 0.0, 2.0]).view(3, 1, 1).expand(3, 1, 8)
+    # the stand-in predicts eps = embedding mean: image 0's prompts are off by 1, 0, 2; image 1's by 0, 3, 1
+    means = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0]])
+    embeddings = means.view(2, 3, 1, 1).expand(2, 3, 1, 8)
     errors = prompt_errors(ScaledInput(1.0), scheduler, latents, embeddings, noise, timesteps)
-    assert errors.shape == (2, 3)
-    assert torch.allclose(errors, torch.tensor([[1.0, 0.0, 4.0]] * 2))
+    assert torch.allclose(errors, means.square())
+
+
+def test_candidate_prompts_put_the_own_class_first_then_distinct_others():
+    labels = torch.tensor([3, 0, 9, 3])
+    candidates = candidate_prompts(labels, 10, 4, torch.Generator().manual_seed(0))
+    assert candidates.shape == (4, 4) and torch.equal(candidates[:, 0], labels)
+    assert all(len(set(row.tolist())) == 4 for row in candidates)
+    everything = candidate_prompts(labels, 10, 10, torch.Generator().manual_seed(1))
+    assert all(sorted(row.tolist()) == list(range(10)) for row in everything)
+    with pytest.raises(ValueError, match="candidates"):
+        candidate_prompts(labels, 10, 11)
 
 
 def test_v_weighting_is_one_over_alpha_bar_and_can_be_capped():
@@ -195,6 +208,15 @@ def test_the_scoring_pass_loads_the_exported_prior(fitted):
     latents = prior.encode_images(torch.zeros(1, 3, 64, 64))
     assert embeddings.shape[0] == 4 and latents.shape == (1, 4, 16, 16)
     assert prior.unet(latents, 10, encoder_hidden_states=embeddings[:1]).sample.shape == latents.shape
+
+
+def test_validation_logs_loss_text_gain_and_prompt_accuracy(fitted):
+    with next((fitted / "logs").rglob("metrics.csv")).open() as fh:
+        rows = [row for row in csv.DictReader(fh) if row.get("val/prompt_accuracy")]
+    assert rows, "no validation after the VAE phase was logged"
+    for row in rows:
+        assert 0.0 <= float(row["val/prompt_accuracy"]) <= 1.0 and float(row["val/loss"]) > 0
+        assert math.isfinite(float(row["val/text_gain"]))
 
 
 def test_any_checkpoint_exports_the_same_prior(fitted, tmp_path):
