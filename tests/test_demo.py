@@ -57,3 +57,23 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
     assert demo(**kwargs).read_text() == table
     assert len(list((out / "students").rglob("summary.json"))) == 12
     assert (out / "students" / "results.csv").stat().st_mtime >= stamp
+
+
+def test_demo_config_stacks_override_the_base_files(monkeypatch) -> None:
+    """The layout / window variants of README's demo table are config stacks the commands accept."""
+    from cli import command_parser
+    from datamodules.distilled import distill
+    from workflows.demo import config_args
+
+    monkeypatch.chdir(REPO)
+    assert config_args("a.yaml") == ["-c", "a.yaml"]
+    assert config_args(["a.yaml", "b.yaml"]) == ["-c", "a.yaml", "-c", "b.yaml"]
+    parser = command_parser("distill", distill)
+    base = parser.parse_args(["-c", "configs/distill/toy.yaml"])
+    stacked = parser.parse_args(config_args(["configs/distill/toy.yaml", "configs/distill/toy_2x2.yaml",
+                                             "configs/distill/toy_window24.yaml"]))
+    assert base.layout.compose_max_ipc == 0 and stacked.layout.compose_max_ipc == 10
+    assert stacked.layout.output_size == base.layout.output_size == 64  # the rest of the base file stays
+    assert base.expect_settings["patch_size"] == 32 and stacked.expect_settings["patch_size"] == 24
+    window = yaml.safe_load((REPO / "configs/score/toy_window24.yaml").read_text())
+    assert window["model"]["init_args"]["patch_size"] == stacked.expect_settings["patch_size"]

@@ -28,6 +28,12 @@ def _run_cli(args: list[str]) -> None:
     main(args)
 
 
+def config_args(configs: str | Sequence[str]) -> list[str]:
+    """``-c PATH`` for one config file or for each of a stack (later files override earlier ones)."""
+    paths = [configs] if isinstance(configs, str) else list(configs)
+    return [arg for path in paths for arg in ("-c", path)]
+
+
 def _stage(name: str, done: bool, action: Callable[[], None]) -> None:
     """Run ``action`` unless ``done``, with the time it took."""
     if done:
@@ -163,8 +169,8 @@ def demo(
     prior: str = "assets/toy_prior",
     teacher_config: str = "configs/teacher/toy_convnet.yaml",
     prior_config: str = "configs/prior/toy.yaml",
-    score_config: str = "configs/score/toy.yaml",
-    distill_config: str = "configs/distill/toy.yaml",
+    score_config: str | list[str] = "configs/score/toy.yaml",
+    distill_config: str | list[str] = "configs/distill/toy.yaml",
     student_configs: list[str] = ["configs/student/rded_defaults.yaml", "configs/student/toy.yaml"],
     teacher_kwargs: dict = {"width": 32},
     ipcs: list[int] = [1, 10],
@@ -176,7 +182,8 @@ def demo(
     """Run the whole method on the toy data and write runs/demo/results.{md,png} and a contact sheet.
 
     The prior is read from ``prior`` (an SD-layout folder); when it is missing it is trained first with
-    ``prior_config``.
+    ``prior_config``. ``score_config`` and ``distill_config`` may be stacks of files (later ones override), e.g.
+    ``configs/distill/toy.yaml`` plus ``configs/distill/toy_2x2.yaml`` for RDED's 2x2 layout.
     """
     out_dir, data_dir, prior_dir = Path(out), Path(data), Path(prior)
     teacher_dir, store_dir, syn_root = out_dir / "teacher", out_dir / "scores", out_dir / "syn"
@@ -191,14 +198,14 @@ def demo(
         ["fit", "-c", prior_config, "--data.root", str(data_dir), "--model.export_dir", str(prior_dir),
          "--trainer.default_root_dir", str(out_dir / "prior_logs"), "--trainer.enable_progress_bar", "false"]))
     _stage("scoring (resumes: only unscored images)", False, lambda: _run_cli(
-        ["predict", "-c", score_config, "--data.root", str(data_dir), "--model.prior", str(prior_dir),
+        ["predict", *config_args(score_config), "--data.root", str(data_dir), "--model.prior", str(prior_dir),
          "--store.dir", str(store_dir), "--trainer.enable_progress_bar", "false"]))
     for selector in selectors:
         done = all((syn_root / selector / f"ipc{i}" / INFO_FILE).is_file() for i in ipcs)
         _stage(f"distil ({selector})", done, lambda s=selector: _run_cli(
-            ["distill", "-c", distill_config, "--store", str(store_dir), "--out", str(syn_root / s), "--selector", s,
-             "--rded.checkpoint", str(teacher_checkpoint), "--overwrite", "true", "--progress", "false",
-             "--ipc", *map(str, ipcs)]))
+            ["distill", *config_args(distill_config), "--store", str(store_dir), "--out", str(syn_root / s),
+             "--selector", s, "--rded.checkpoint", str(teacher_checkpoint), "--overwrite", "true",
+             "--progress", "false", "--ipc", *map(str, ipcs)]))
     _stage("students", False, lambda: matrix(
         out=str(out_dir / "students"), base=student_configs,
         teachers=[TeacherSpec("convnet_d3", checkpoint=str(teacher_checkpoint), kwargs=teacher_kwargs,
