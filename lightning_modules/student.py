@@ -177,8 +177,12 @@ class FKDStudent(RealValidation, L.LightningModule):
         if not (hp.teacher_pretrained or hp.teacher_checkpoint or hp.random_teacher):
             raise ValueError("the teacher needs weights: teacher_pretrained=true or teacher_checkpoint=PATH "
                              "(random_teacher=true for a randomly initialised control teacher)")
-        teacher_classes, positions = hp.teacher_outputs or (num_classes, None)
-        teacher = build_model(hp.teacher, teacher_classes, pretrained=hp.teacher_pretrained,
+        teacher_count, positions = hp.teacher_outputs or (num_classes, None)
+        if hp.teacher_pretrained and teacher_count != 1000:
+            raise ValueError(f"a pretrained hub teacher has 1000 ImageNet outputs, not {teacher_count}: train with a "
+                             "data module of ImageNet classes (its outputs are cut to them) or pass "
+                             "teacher_checkpoint=PATH of a teacher trained on these classes")
+        teacher = build_model(hp.teacher, teacher_count, pretrained=hp.teacher_pretrained,
                               checkpoint=hp.teacher_checkpoint, image_size=hp.model_image_size,
                               **(hp.teacher_kwargs or {}))
         self.teacher = teacher if positions is None else OutputSubset(teacher, positions)

@@ -248,3 +248,5 @@ def test_a_1000_class_teacher_is_cut_to_the_data_classes(tmp_path):
     with pytest.raises(DataError, match="not among the teacher's 1000"):
         module._teacher_outputs(SimpleNamespace(class_mapping=ClassMapping.for_folders(["cat", "dog"])))
     assert FKDStudent(**{**options, "teacher_classes": None})._teacher_outputs(data) is None  # the data's own classes
+    with pytest.raises(ValueError, match="1000 ImageNet outputs, not 2"):  # never a silent new head on hub weights
+        FKDStudent(**{**options, "teacher_checkpoint": None, "teacher_pretrained": True, "num_classes": 2})
