@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import cli
-from datamodules.score_store import ScoreStore
-from datamodules.toy import box_overlap, load_boxes
-from lightning_modules.diffusion_prior import folder_size_mb
+from patchdd.formats.score_store import ScoreStore
+from patchdd.data.toy import box_overlap, load_boxes
+from patchdd.lightning_modules.diffusion_prior import folder_size_mb
 
 HIT_OVERLAP = 0.5
 

@@ -33,14 +33,23 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import functional as TF
 
-from datamodules.real import ImageFolderDataModule
-from datamodules.score_store import Manifest, PatchTable, ScoreStore
-from datamodules.score_writer import ScoreStoreWriter
-from datamodules.scoring_data import ScoringDataModule, plan_resize, resize_for_scoring
-from lightning_modules.diffusion import StableDiffusionPrior, random_prior, up_block_features
-from lightning_modules.scoring import (
-    DiffusionScorer, crop_and_resize, draw_image_noise, patch_window, pool_scores, pooled_unit_vectors,
-    predict_noise, squared_error_map, top_k_windows, window_box,
+from patchdd.datamodules.real import ImageFolderDataModule
+from patchdd.formats.score_store import Manifest, PatchTable, ScoreStore
+from patchdd.datamodules.score_writer import ScoreStoreWriter
+from patchdd.data.scoring_images import plan_resize, resize_for_scoring
+from patchdd.datamodules.scoring_data import ScoringDataModule
+from patchdd.priors.sd import StableDiffusionPrior, random_prior, up_block_features
+from patchdd.lightning_modules.scoring import DiffusionScorer
+from patchdd.scoring.relevance import (
+    crop_and_resize,
+    draw_image_noise,
+    patch_window,
+    pool_scores,
+    pooled_unit_vectors,
+    predict_noise,
+    squared_error_map,
+    top_k_windows,
+    window_box,
 )
 
 ARCHITECTURES = Path(__file__).parents[1] / "configs" / "bench" / "sd15_random.yaml"

@@ -21,8 +21,8 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.augment import AugmentOptions, augment_batch
-from lightning_modules.student import FKDStudent
+from patchdd.training.augment import AugmentOptions, augment_batch
+from patchdd.lightning_modules.student import FKDStudent
 
 GPU_PAIRS = [("tv:resnet18", "tv:resnet18"), ("tv:resnet18", "tv:resnet50"), ("tv:resnet18", "tv:vit_b_16")]
 TINY_PAIRS = [("convnet_d3", "convnet_d3"), ("convnet_d3", "convnet_d4")]

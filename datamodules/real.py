@@ -1,241 +1,29 @@
-"""Real image data: ImageNet-style folders (class folders or a flat val folder), CIFAR-10/100, TinyImageNet.
+"""Real image data modules: ImageNet-style folders (class folders or a flat val folder), CIFAR-10/100, TinyImageNet.
 
 Every data module here exposes the same three things the rest of the suite relies on:
 
-* ``class_mapping``: a :class:`ClassMapping` (folders / wnids in label order, and display names);
-* ``source(split)``: an :class:`ImageSource` (stable string ids, labels, ``load(i) -> PIL image``), which the
-  scoring pass and the distillation read original images from;
+* ``class_mapping``: a :class:`~patchdd.data.sources.ClassMapping` (folders / wnids in label order, and names);
+* ``source(split)``: an :class:`~patchdd.data.sources.ImageSource`, which the scoring pass and the distillation
+  read original images from;
 * the usual ``train_dataloader`` / ``val_dataloader`` with configurable transforms.
 
-Labels of a class subset are remapped to ``0..K-1`` in the sorted order of the folder names / wnids
-(see :func:`datamodules.subsets.resolve_classes`); the mapping is saved as ``class_mapping.json`` in every
-run's log directory.
+The class mapping is saved as ``class_mapping.json`` in every run's log directory.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import pickle
-import random
-import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
 
 import lightning as L
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
-from datamodules.subsets import display_name, imagenet_wnids, resolve_classes
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLASS_MAPPING_FILE = "class_mapping.json"
-
-
-class DataError(ValueError):
-    """A data root, split or class list that cannot be used as given."""
-
-
-@dataclass(frozen=True)
-class ClassMapping:
-    """Folders (wnids) in label order and the human-readable names used in prompts and reports."""
-
-    folders: tuple[str, ...]
-    names: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.folders) != len(self.names):
-            raise ValueError("ClassMapping needs one name per folder")
-
-    def __len__(self) -> int:
-        return len(self.folders)
-
-    def index(self, folder: str) -> int:
-        return self.folders.index(folder)
-
-    def to_json(self) -> dict:
-        return {"folders": list(self.folders), "names": list(self.names)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ClassMapping":
-        return cls(tuple(data["folders"]), tuple(data["names"]))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ClassMapping":
-        return cls.from_json(json.loads(Path(path).read_text()))
-
-    @classmethod
-    def for_folders(cls, folders: Sequence[str], names_file: str | None = None) -> "ClassMapping":
-        """Display names from the ImageNet lemmas / folder names, overridden by a JSON ``{folder: name}`` file."""
-        overrides = json.loads(Path(names_file).read_text()) if names_file else {}
-        return cls(tuple(folders), tuple(overrides.get(f, display_name(f)) for f in folders))
-
-
-class ImageSource(Protocol):
-    """Images of one split: stable ids, labels, and the original image by position."""
-
-    ids: list[str]
-    labels: list[int]
-
-    def __len__(self) -> int: ...
-
-    def load(self, i: int) -> Image.Image: ...
-
-
-@dataclass
-class FileImageSource:
-    """Images stored as files; ids are paths relative to ``root``."""
-
-    root: Path
-    ids: list[str]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def path(self, i: int) -> Path:
-        return self.root / self.ids[i]
-
-    def load(self, i: int) -> Image.Image:
-        with Image.open(self.path(i)) as img:
-            return img.convert("RGB")
-
-
-@dataclass
-class ArrayImageSource:
-    """Images held in a uint8 array (N, H, W, 3), e.g. CIFAR; ids are ``{prefix}/{index}``."""
-
-    array: np.ndarray
-    labels: list[int]
-    prefix: str
-
-    @property
-    def ids(self) -> list[str]:
-        return [f"{self.prefix}/{i}" for i in range(len(self.labels))]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def load(self, i: int) -> Image.Image:
-        return Image.fromarray(self.array[i])
-
-
-class ImageBatch(NamedTuple):
-    images: torch.Tensor
-    labels: torch.Tensor
-    skipped: int
-
-
-class LabelledImages(Dataset):
-    """An :class:`ImageSource` with a transform; an unreadable image yields ``None`` and a warning."""
-
-    def __init__(self, source: ImageSource, transform) -> None:
-        self.source = source
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int):
-        try:
-            image = self.source.load(i)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            warnings.warn(f"skipping unreadable image {self.source.ids[i]}: {err}", stacklevel=2)
-            return None
-        return self.transform(image), self.source.labels[i]
-
-
-def collate_readable(items: list) -> ImageBatch:
-    """Stack the readable items of a batch and count the unreadable ones that were dropped."""
-    readable = [item for item in items if item is not None]
-    skipped = len(items) - len(readable)
-    if not readable:
-        return ImageBatch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
-    images, labels = zip(*readable)
-    return ImageBatch(torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped)
-
-
-def list_class_folders(split_dir: Path) -> list[str]:
-    """Sub-folders of a split that hold at least one file (an empty class folder is an error)."""
-    if not split_dir.is_dir():
-        raise DataError(f"data folder does not exist: {split_dir}")
-    folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return folders
-
-
-def scan_class_folders(split_dir: Path, folders: Sequence[str]) -> FileImageSource:
-    """Image files under ``split_dir/<folder>/`` (recursively: TinyImageNet keeps them in ``images/``)."""
-    ids, labels = [], []
-    for label, folder in enumerate(folders):
-        class_dir = split_dir / folder
-        if not class_dir.is_dir():
-            raise DataError(f"class folder {folder!r} is missing in {split_dir}")
-        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise DataError(f"class folder holds no images: {class_dir}")
-        ids += [str(p.relative_to(split_dir)) for p in files]
-        labels += [label] * len(files)
-    return FileImageSource(split_dir, ids, labels)
-
-
-def read_ground_truth(labels_file: Path) -> dict[str, str]:
-    """Flat-folder ground truth as ``{file stem: wnid}``.
-
-    Accepted formats: Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``), TinyImageNet's
-    ``val_annotations.txt`` and any ``filename wnid ...`` text file (whitespace separated), and the devkit's
-    ``ILSVRC2012_validation_ground_truth.txt`` (one ILSVRC id per line, in file-name order) with the devkit's
-    ``meta.mat`` beside it.
-    """
-    if not labels_file.is_file():
-        raise DataError(f"ground-truth file does not exist: {labels_file}")
-    if labels_file.suffix == ".csv":
-        with labels_file.open() as fh:
-            return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(fh)}
-    lines = [line.split() for line in labels_file.read_text().splitlines() if line.strip()]
-    if lines and len(lines[0]) == 1:
-        return _devkit_ground_truth(labels_file, [int(line[0]) for line in lines])
-    return {Path(parts[0]).stem: parts[1] for parts in lines}
-
-
-def _devkit_ground_truth(labels_file: Path, ilsvrc_ids: list[int]) -> dict[str, str]:
-    from scipy.io import loadmat
-
-    meta = labels_file.parent / "meta.mat"
-    if not meta.is_file():
-        raise DataError(f"{labels_file.name} holds ILSVRC ids; it needs the devkit's meta.mat beside it ({meta})")
-    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
-    id_to_wnid = {int(s[0]): str(s[1]) for s in synsets}
-    return {f"ILSVRC2012_val_{i + 1:08d}": id_to_wnid[c] for i, c in enumerate(ilsvrc_ids)}
-
-
-def scan_flat_folder(split_dir: Path, labels_file: Path, folders: Sequence[str]) -> FileImageSource:
-    """A flat folder of images labelled by a ground-truth file; images of other classes are left out."""
-    truth = read_ground_truth(labels_file)
-    label_of = {folder: i for i, folder in enumerate(folders)}
-    ids, labels, unlabelled = [], [], 0
-    for path in sorted(p for p in split_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-        wnid = truth.get(path.stem)
-        if wnid is None:
-            unlabelled += 1
-        elif wnid in label_of:
-            ids.append(str(path.relative_to(split_dir)))
-            labels.append(label_of[wnid])
-    if unlabelled:
-        raise DataError(f"{unlabelled} images in {split_dir} have no entry in {labels_file}")
-    missing = sorted(set(folders) - {folders[label] for label in labels})
-    if missing:
-        raise DataError(f"classes {missing[:5]} have no images in the flat folder {split_dir}")
-    return FileImageSource(split_dir, ids, labels)
+from patchdd.data.sources import (CLASS_MAPPING_FILE, IMAGENET_MEAN, IMAGENET_STD, ArrayImageSource, ClassMapping,
+                                  FileImageSource, ImageSource, LabelledImages, collate_readable, eval_transform,
+                                  list_class_folders, scan_class_folders, scan_flat_folder, train_transform)
+from patchdd.data.subsets import resolve_classes
+from patchdd.errors import DataError
 
 
 def save_class_mapping(trainer, mapping: ClassMapping) -> None:
@@ -247,45 +35,19 @@ def save_class_mapping(trainer, mapping: ClassMapping) -> None:
     mapping.save(log_dir / CLASS_MAPPING_FILE)
 
 
-def teacher_class_folders(spec: str | None, data_folders: Sequence[str]) -> list[str]:
-    """A teacher's output classes, in its output order.
-
-    ``spec``: ``None`` = the data's own classes, ``"imagenet1k"`` = the 1000 ImageNet-1K wnids (hub-pretrained
-    models), or the path of a ``class_mapping.json`` written by the teacher's run.
-    """
-    if spec is None:
-        return list(data_folders)
-    if spec == "imagenet1k":
-        return imagenet_wnids()
-    return list(ClassMapping.load(spec).folders)
-
-
-def teacher_output_positions(teacher_folders: Sequence[str], data_folders: Sequence[str]) -> list[int]:
-    """Position of each data class among a teacher's outputs; an error names the classes the teacher lacks."""
-    position = {folder: i for i, folder in enumerate(teacher_folders)}
-    missing = [f for f in data_folders if f not in position]
-    if missing:
-        raise DataError(f"{len(missing)} of the data's classes are not among the teacher's {len(teacher_folders)} "
-                        f"output classes (e.g. {missing[:3]}); say which classes its outputs are "
-                        "(teacher_classes: imagenet1k or a class_mapping.json)")
-    return [position[f] for f in data_folders]
-
-
-def train_transform(image_size: int, scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]):
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=scale, antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
-
-
-def eval_transform(image_size: int, resize: int, mean: Sequence[float], std: Sequence[float]):
-    return T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
-
-
 class RealDataModule(L.LightningDataModule):
-    """Shared loaders and transforms; subclasses say where the images and classes come from."""
+    """Shared loaders and transforms; subclasses say where the images and classes come from.
+
+    Args:
+        image_size: side of the training crops and of the evaluation centre crop.
+        eval_resize: evaluation resize of the short side before the centre crop (default ``image_size * 256/224``).
+        train_scale: area range of the training ``RandomResizedCrop``.
+        mean: per-channel normalisation mean (ImageNet's by default).
+        std: per-channel normalisation std (ImageNet's by default).
+        batch_size: training batch size.
+        eval_batch_size: validation / test batch size (default ``batch_size``).
+        num_workers: loader worker processes.
+    """
 
     def __init__(
         self,
@@ -366,7 +128,19 @@ class ImageFolderDataModule(RealDataModule):
 
     ``classes`` selects a subset: ``all``, a preset (``imagenette``, ``imagewoof``, ``imagenet100``), a list of
     wnids / folder names or of class names. A flat validation folder needs ``val_labels`` (a ground-truth file,
-    see :func:`read_ground_truth`); TinyImageNet's ``val/images`` + ``val/val_annotations.txt`` is found alone.
+    see :func:`~patchdd.data.sources.read_ground_truth`); TinyImageNet's ``val/images`` +
+    ``val/val_annotations.txt`` is found alone. Loader and transform options: :class:`RealDataModule`.
+
+    Args:
+        root: the data root holding ``train_dir`` and ``val_dir``.
+        train_dir: training split folder under ``root`` (class folders, searched recursively).
+        val_dir: validation split folder under ``root`` (class folders, or flat with ``val_labels``).
+        val_labels: ground-truth file of a flat validation folder (Kaggle CSV, ``filename wnid`` lines, or the
+            devkit's ground truth with ``meta.mat`` beside it).
+        classes: ``all`` (or None), a preset (``imagenette``, ``imagewoof``, ``imagenet100``), a comma-separated
+            string or a list of wnids / folder names / class names.
+        class_names: JSON file ``{folder: name}`` overriding the display names (used in prompts).
+        loader_kwargs: :class:`RealDataModule`'s options (``image_size``, ``batch_size``, ``num_workers``, ...).
     """
 
     def __init__(
@@ -423,7 +197,19 @@ CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python
 
 
 class CIFARDataModule(RealDataModule):
-    """CIFAR-10 / CIFAR-100 from the python pickles in ``root`` (as torchvision downloads them; no download here)."""
+    """CIFAR-10 / CIFAR-100 from the python pickles in ``root`` (as torchvision downloads them; no download here).
+
+    Args:
+        root: folder holding ``cifar-10-batches-py`` or ``cifar-100-python``.
+        variant: ``cifar10`` or ``cifar100``.
+        classes: ``all`` (or None), or a list / comma-separated string of class names.
+        image_size: training crop and evaluation size (32: the native resolution).
+        eval_resize: evaluation resize (default ``image_size``).
+        train_scale: area range of the training ``RandomResizedCrop``.
+        mean: per-channel normalisation mean (CIFAR's).
+        std: per-channel normalisation std (CIFAR's).
+        loader_kwargs: :class:`RealDataModule`'s loader options (``batch_size``, ``num_workers``, ...).
+    """
 
     def __init__(self, root: str = "data", variant: str = "cifar10", classes: str | list[str] | None = None,
                  image_size: int = 32, eval_resize: int | None = None, train_scale: tuple[float, float] = (0.5, 1.0),
@@ -474,20 +260,3 @@ class CIFARDataModule(RealDataModule):
         keep = [i for i, label in enumerate(labels) if label in remap]
         array = np.concatenate(arrays)[keep]
         return ArrayImageSource(array, [remap[labels[i]] for i in keep], f"{self.variant}/{split}")
-
-    def train_dataset(self) -> Dataset:
-        tf = T.Compose([T.RandomResizedCrop(self.image_size, scale=self.train_scale, antialias=True),
-                        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(self.mean, self.std)])
-        return LabelledImages(self.source("train"), tf)
-
-
-def seeded_subset(labels: Sequence[int], max_per_class: int | None, seed: int) -> list[int]:
-    """Positions of at most ``max_per_class`` items per class, drawn with a fixed seed, in ascending order."""
-    if max_per_class is None:
-        return list(range(len(labels)))
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(label, []).append(i)
-    chosen = [i for members in by_class.values() for i in rng.sample(members, min(max_per_class, len(members)))]
-    return sorted(chosen)

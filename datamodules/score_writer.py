@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from datamodules.score_store import Manifest, PatchTable, ScoreStore
+from patchdd.formats.score_store import Manifest, PatchTable, ScoreStore
 
 log = logging.getLogger(__name__)
 

@@ -7,238 +7,27 @@ network predicts both the conditional and the unconditional noise, which is what
 
 Each of the five Stable Diffusion components is either loaded from ``pretrained`` (an SD-layout folder or a hub
 id: to fine-tune SD v1.5 on a user's data; the VAE and text encoder stay frozen) or built small from a config
-(the embedded toy prior, ``configs/prior/toy.yaml``). A built text encoder gets the character-level
-CLIP tokenizer that needs no download (:func:`lightning_modules.diffusion.character_tokenizer`). A built VAE is trained
-first, alone, for ``vae_steps`` steps (reconstruction + KL), then frozen; its latent scale is then measured on
-a batch (``1 / std``), as SD's 0.18215 was.
+(the embedded toy prior, ``configs/prior/toy.yaml``), by the suite's one SD stack (:mod:`patchdd.priors.sd`).
+A built VAE is trained first, alone, for ``vae_steps`` steps (reconstruction + KL), then frozen; its latent scale
+is then measured on a batch (``1 / std``), as SD's 0.18215 was. The losses are plain functions in
+:mod:`patchdd.priors.objectives`.
 
-Images: the data module normalises with its own ``mean`` / ``std``; the module undoes that and maps the pixels to
-``[-1, 1]`` (the VAE's range, :func:`to_vae_range`), so any data-module setting works. Latents are the VAE's
-``latent_dist.mean`` times the latent scale, as in the scoring pass.
-
-At the end of ``fit`` the prior is written to ``export_dir`` in the SD layout (:func:`save_sd_folder`:
-``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json`` plus the ``class_mapping.json`` it was
-trained with); :func:`export_checkpoint` does the same for any saved checkpoint.
+At the end of ``fit`` the prior is written to ``export_dir`` in the SD layout (:func:`patchdd.priors.sd.save_prior`)
+with the ``class_mapping.json`` it was trained on; :func:`export_checkpoint` does the same for any checkpoint.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from datamodules.real import CLASS_MAPPING_FILE, ClassMapping, ImageBatch
-from lightning_modules.diffusion import character_tokenizer
-
-PIPELINE_CLASS = "StableDiffusionPipeline"
-MODEL_INDEX = {
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "DDPMScheduler"],
-    "safety_checker": [None, None],
-    "feature_extractor": [None, None],
-}
-
-
-class PriorLoadError(RuntimeError):
-    """A Stable Diffusion component that can be neither built (no config) nor loaded (no local or hub copy)."""
-
-
-@dataclass
-class SDComponents:
-    """The five parts of a Stable-Diffusion-format prior."""
-
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: DDPMScheduler
-
-
-# ----------------------------------------------------------------------------------------------- conditioning
-
-
-def class_prompts(names: list[str] | tuple[str, ...], template: str, null_prompt: str) -> list[str]:
-    """The prompt of every class (``template`` formatted with ``name``), followed by the null prompt."""
-    if "{name}" not in template:
-        raise ValueError(f"prompt template must contain '{{name}}', got {template!r}")
-    return [template.format(name=name) for name in names] + [null_prompt]
-
-
-def drop_prompts(prompt_ids: torch.Tensor, null_id: int, fraction: float,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each prompt id by ``null_id`` with probability ``fraction`` (classifier-free-guidance dropout)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"null-prompt fraction must lie in [0, 1], got {fraction}")
-    drop = torch.rand(prompt_ids.shape, generator=generator, device=prompt_ids.device) < fraction
-    return torch.where(drop, torch.full_like(prompt_ids, null_id), prompt_ids)
-
-
-def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-    """Per-token text embeddings ``(P, L, D)`` (the encoder's last hidden state), prompts padded to the max length."""
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
-    device = next(text_encoder.parameters()).device
-    return text_encoder(tokens.input_ids.to(device))[0]
-
-
-# --------------------------------------------------------------------------------------------------- losses
-
-
-def to_vae_range(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Undo a data module's ``Normalize(mean, std)`` and map the pixels from ``[0, 1]`` to ``[-1, 1]``."""
-    shape = (1, -1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(shape)
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(shape)
-    return (images * std_t + mean_t) * 2 - 1
-
-
-LOSS_WEIGHTINGS = ("epsilon", "v")
-
-
-def timestep_loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, weighting: str = "epsilon",
-                          max_weight: float | None = None) -> torch.Tensor:
-    """Per-sample weights of the epsilon loss at ``timesteps``.
-
-    ``"epsilon"``: 1 (DDPM's simple loss). ``"v"``: ``1 / abar_t = 1 + 1 / SNR_t``, which makes the epsilon loss
-    equal to the v-prediction loss; it weights the noisy end, where the prompt is the main source of information,
-    up to ~200x. ``max_weight`` caps the weights.
-    """
-    if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
-    if weighting == "epsilon":
-        weights = torch.ones(timesteps.shape, device=timesteps.device)
-    else:
-        weights = 1.0 / scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return weights if max_weight is None else weights.clamp_max(max_weight)
-
-
-def noise_prediction_loss(unet: nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
-                          text_embeddings: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                          weights: torch.Tensor | None = None) -> torch.Tensor:
-    """DDPM epsilon-prediction loss: mean of ``w_t (unet(add_noise(z, eps, t), t, text) - eps)^2`` (w = 1 if None)."""
-    errors = noise_prediction_errors(unet, scheduler, latents, text_embeddings, noise, timesteps)
-    per_sample = errors.flatten(1).mean(1)
-    return per_sample.mean() if weights is None else (per_sample * weights).mean()
-
-
-def noise_prediction_errors(unet: nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
-                            text_embeddings: torch.Tensor, noise: torch.Tensor,
-                            timesteps: torch.Tensor) -> torch.Tensor:
-    """Squared errors ``(B, C, h, w)`` of the UNet's noise prediction, in fp32."""
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"the prior predicts epsilon; scheduler says {scheduler.config.prediction_type!r}")
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    predicted = unet(noisy, timesteps, encoder_hidden_states=text_embeddings).sample
-    return (predicted.float() - noise.float()).square()
-
-
-def candidate_prompts(labels: torch.Tensor, num_classes: int, count: int,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """``(B, count)`` class prompt ids per image: its own class first, then ``count - 1`` other classes at random."""
-    if not 1 <= count <= num_classes:
-        raise ValueError(f"prompt candidates must lie in [1, {num_classes}] (the class count), got {count}")
-    draws = torch.rand((len(labels), num_classes), generator=generator).to(labels.device)
-    draws.scatter_(1, labels.view(-1, 1), -1.0)  # the own class sorts first
-    return draws.argsort(dim=1)[:, :count]
-
-
-def prompt_errors(unet: nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor, embeddings: torch.Tensor,
-                  noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Mean squared noise-prediction error ``(B, P)`` of every image under each of its ``P`` prompts.
-
-    ``embeddings`` is ``(B, P, L, D)``: prompt ``p`` of image ``b``. All prompts of an image see the same noisy
-    latent (same t and eps); one UNet batch of B per prompt.
-    """
-    return torch.stack([noise_prediction_errors(unet, scheduler, latents, embeddings[:, p], noise, timesteps)
-                        .flatten(1).mean(1) for p in range(embeddings.shape[1])], dim=1)
-
-
-def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, chroma_weight: float = 0.0) -> torch.Tensor:
-    """Pixel MSE plus ``chroma_weight`` times the MSE of the colour part of the error (its deviation from the
-    per-pixel mean over RGB): small autoencoders learn brightness long before colour, which can carry the class."""
-    error = reconstruction - images
-    loss = error.square().mean()
-    if chroma_weight:
-        loss = loss + chroma_weight * (error - error.mean(dim=1, keepdim=True)).square().mean()
-    return loss
-
-
-def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, chroma_weight: float = 0.0) -> torch.Tensor:
-    """Reconstruction loss of a sampled latent plus ``kl_weight`` times the KL to the unit Gaussian (per element)."""
-    posterior = vae.encode(images).latent_dist
-    reconstruction = vae.decode(posterior.sample()).sample
-    return (reconstruction_loss(reconstruction, images, chroma_weight)
-            + kl_weight * posterior.kl().mean() / posterior.mean[0].numel())
-
-
-def latent_scale_of(latents: torch.Tensor) -> float:
-    """The factor that gives the latents unit standard deviation (SD's ``scaling_factor``)."""
-    return 1.0 / latents.float().std().clamp_min(1e-6).item()
-
-
-# ------------------------------------------------------------------------------------------ build / load / save
-
-
-def build_or_load(pretrained: str | None, unet: dict | None, vae: dict | None, text_encoder: dict | None,
-                  scheduler: dict | None) -> SDComponents:
-    """Each component from its config when given, otherwise from ``pretrained`` (SD-layout folder or hub id)."""
-    if text_encoder is not None:
-        encoder = CLIPTextModel(CLIPTextConfig(**text_encoder))
-        tokenizer = character_tokenizer(encoder.config.max_position_embeddings)
-    else:
-        encoder = load_component(CLIPTextModel, pretrained, "text_encoder")
-        tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer")
-    return SDComponents(
-        unet=UNet2DConditionModel.from_config(unet) if unet is not None
-        else load_component(UNet2DConditionModel, pretrained, "unet"),
-        vae=AutoencoderKL.from_config(vae) if vae is not None else load_component(AutoencoderKL, pretrained, "vae"),
-        text_encoder=encoder,
-        tokenizer=tokenizer,
-        scheduler=DDPMScheduler.from_config(scheduler) if scheduler is not None
-        else load_component(DDPMScheduler, pretrained, "scheduler"),
-    )
-
-
-def load_component(cls: Any, pretrained: str | None, subfolder: str) -> Any:
-    """``cls.from_pretrained(pretrained, subfolder=...)`` with one clear error when it cannot be had."""
-    if pretrained is None:
-        raise PriorLoadError(f"no config for the {subfolder} and no `pretrained` folder / hub id to load it from")
-    try:
-        return cls.from_pretrained(pretrained, subfolder=subfolder)
-    except (OSError, ValueError) as err:
-        raise PriorLoadError(
-            f"cannot load the {subfolder} of {pretrained!r}: not a local SD-layout folder and not in the hub cache "
-            f"(offline?) ({err})") from err
-
-
-def save_sd_folder(out: str | Path, parts: SDComponents, class_mapping: ClassMapping | None = None) -> Path:
-    """Write ``parts`` in the Stable Diffusion layout (``save_pretrained`` per component + ``model_index.json``)."""
-    import diffusers
-
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        getattr(parts, name).save_pretrained(root / name)
-    index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__, **MODEL_INDEX,
-             "requires_safety_checker": False}
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    if class_mapping is not None:
-        class_mapping.save(root / CLASS_MAPPING_FILE)
-    return root
-
-
-# ------------------------------------------------------------------------------------------- the Lightning module
+from patchdd.data.sources import ClassMapping, ImageBatch
+from patchdd.priors.objectives import (LOSS_WEIGHTINGS, candidate_prompts, class_prompts, drop_prompts,
+                                       latent_scale_of, noise_prediction_loss, prompt_errors, timestep_loss_weights,
+                                       to_vae_range, vae_loss)
+from patchdd.priors.sd import StableDiffusionPrior, build_prior, encode_latents, encode_prompts, save_prior
 
 
 class DiffusionPrior(L.LightningModule):
@@ -300,7 +89,7 @@ class DiffusionPrior(L.LightningModule):
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
         if train_text_encoder and text_encoder is None:
             raise ValueError("train_text_encoder needs a built text encoder (a loaded one stays frozen)")
-        parts = build_or_load(pretrained, unet, vae, text_encoder, scheduler)
+        parts = build_prior(pretrained, unet, vae, text_encoder, scheduler)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.scheduler
         self.text_encoder.requires_grad_(train_text_encoder)
@@ -314,11 +103,12 @@ class DiffusionPrior(L.LightningModule):
     # --- components and prompts
 
     @property
-    def components(self) -> SDComponents:
-        """The five SD components, the VAE's ``scaling_factor`` set to the latent scale in use."""
+    def components(self) -> StableDiffusionPrior:
+        """The five SD components (trainable, not copied), the VAE's ``scaling_factor`` set to the latent scale."""
         if self.latent_scale.item() > 0:
             self.vae.register_to_config(scaling_factor=float(self.latent_scale))
-        return SDComponents(self.unet, self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler)
+        return StableDiffusionPrior(self.unet, self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler,
+                                    frozen=False)
 
     @property
     def prompts(self) -> list[str]:
@@ -341,7 +131,7 @@ class DiffusionPrior(L.LightningModule):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Scaled VAE latents (the posterior mean) of data-module images."""
         with torch.no_grad():
-            latents = self.vae.encode(self._vae_input(images)).latent_dist.mean
+            latents = encode_latents(self.vae, self._vae_input(images))
         if self.latent_scale.item() <= 0:
             self.latent_scale.fill_(latent_scale_of(latents))
         return latents * self.latent_scale
@@ -444,12 +234,12 @@ class DiffusionPrior(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            out = self.save_sd_folder(self.hparams.export_dir)
+            out = self.save_prior(self.hparams.export_dir)
             print(f"saved the diffusion prior to {out} ({folder_size_mb(out):.1f} MB)")
 
-    def save_sd_folder(self, out: str | Path) -> Path:
+    def save_prior(self, out: str | Path) -> Path:
         """Write the prior in the SD layout, with the class mapping it was trained on."""
-        return save_sd_folder(out, self.components, self.class_mapping)
+        return save_prior(out, self.components, self.class_mapping)
 
 
 def folder_size_mb(folder: str | Path) -> float:
@@ -459,4 +249,4 @@ def folder_size_mb(folder: str | Path) -> float:
 def export_checkpoint(checkpoint: str, out: str) -> Path:
     """Write the diffusion prior of a Lightning checkpoint as a Stable-Diffusion-layout folder."""
     prior = DiffusionPrior.load_from_checkpoint(checkpoint, map_location="cpu")
-    return prior.save_sd_folder(out)
+    return prior.save_prior(out)

@@ -9,103 +9,22 @@ validation runs are logged and written to ``summary.json`` in the run's log dire
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
-from torch import nn
 
-from datamodules.augment import AugmentOptions, MixMode, augment_batch, mix_batch
-from datamodules.real import teacher_class_folders, teacher_output_positions
-from lightning_modules.classifier import RealValidation, accuracy_metrics, build_optimizer
-from lightning_modules.models import OutputSubset, build_model
+from patchdd.data.sources import teacher_class_folders, teacher_output_positions
+from patchdd.lightning_modules.classifier import RealValidation
+from patchdd.training.augment import AugmentOptions, MixMode, augment_batch, mix_batch
+from patchdd.training.kd import RDED_TEMPERATURE, Schedule, kd_kl_loss, learning_rate_for, lr_factor
+from patchdd.training.optim import accuracy_metrics, build_optimizer, weight_decay_groups
+from patchdd.training.zoo import OutputSubset, build_model
 
 # Checkpoints store the augmentation options among the hyper-parameters; let weights-only loading accept them.
 torch.serialization.add_safe_globals([AugmentOptions])
-# RDED (argument.py): the distillation temperature that goes with each mixing.
-RDED_TEMPERATURE = {"cutmix": 20.0, "mixup": 4.0}
 SUMMARY_FILE = "summary.json"
-Schedule = Literal["half_cosine", "cosine", "constant"]
-
-
-def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-               scale_by_t2: bool = False) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) averaged over the batch (``KLDivLoss(reduction="batchmean")``).
-
-    ``scale_by_t2`` multiplies by T^2 (Hinton et al.); RDED does not.
-    """
-    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
-    target = F.softmax(teacher_logits.float() / temperature, dim=1)
-    loss = F.kl_div(log_student, target, reduction="batchmean")
-    return loss * temperature**2 if scale_by_t2 else loss
-
-
-def lr_factor(epoch: int, epochs: int, schedule: Schedule) -> float:
-    """Learning-rate multiplier at ``epoch`` (0-based) of ``epochs``.
-
-    ``half_cosine`` is RDED's ``0.5 (1 + cos(pi * epoch / (2 * epochs)))``: from 1 down to 0.5 at the end;
-    ``cosine`` goes down to 0; ``constant`` stays 1.
-    """
-    if schedule == "half_cosine":
-        return 0.5 * (1 + math.cos(math.pi * epoch / (2 * epochs)))
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"unknown schedule {schedule!r}; choose 'half_cosine', 'cosine' or 'constant'")
-
-
-def rded_batch_size(ipc: int, num_classes: int) -> int:
-    """RDED's batch size: 10 / 50 / 100 from IPC 1 / 10 / 50 up, doubled for 100+ classes, at most IPC x classes.
-
-    RDED defines IPC 1, 10 and 50 only; IPCs in between take the size of the step below, IPC 100 that of 50.
-    """
-    base = 100 if ipc >= 50 else 50 if ipc >= 10 else 10
-    if num_classes >= 100:
-        base *= 2
-    return min(base, ipc * num_classes)
-
-
-def learning_rate_for(model_name: str, table: dict[str, float]) -> float:
-    """The learning rate of the first ``table`` key contained in ``model_name`` (case-insensitive)."""
-    name = model_name.lower()
-    for key, lr in table.items():
-        if key.lower() in name:
-            return lr
-    raise ValueError(f"no learning rate for student {model_name!r}: give lr, or add a key of its name to "
-                     f"lr_by_architecture (keys: {list(table)})")
-
-
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """RDED's parameter groups: decay on weight matrices / kernels only, none on biases and norm parameters."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (decay if "weight" in name and param.ndim > 1 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def rded_validates(epoch: int, max_epochs: int, every: int = 10, last_fraction: float = 0.2) -> bool:
-    """RDED's cadence: validate after epoch ``epoch`` (0-based) when it ends a block of ``every`` epochs in the
-    last ``last_fraction`` of training; the last epoch is always validated."""
-    if epoch == max_epochs - 1:
-        return True
-    return epoch % every == every - 1 and epoch > max_epochs * (1 - last_fraction)
-
-
-class RDEDValidationSchedule(Callback):
-    """Run validation only on the epochs :func:`rded_validates` names (RDED: every 10 epochs in the last 20%)."""
-
-    def __init__(self, every: int = 10, last_fraction: float = 0.2) -> None:
-        self.every, self.last_fraction = every, last_fraction
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        validate = rded_validates(trainer.current_epoch, trainer.max_epochs, self.every, self.last_fraction)
-        # The epoch loop validates when (epoch + 1) % check_val_every_n_epoch == 0.
-        trainer.check_val_every_n_epoch = 1 if validate else trainer.max_epochs + 1
 
 
 class FKDStudent(RealValidation, L.LightningModule):

@@ -38,7 +38,7 @@ def imagefolder_root(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory) -> Path:
     """A small toy dataset (4 classes, 64 px) shared by the whole session."""
-    from datamodules.toy import write_toy_dataset
+    from patchdd.data.toy import write_toy_dataset
 
     return write_toy_dataset(str(tmp_path_factory.mktemp("toy")), num_classes=4, image_size=64,
                              train_per_class=6, val_per_class=3)

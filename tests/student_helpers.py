@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.augment import normalize
-from datamodules.real import IMAGENET_MEAN, IMAGENET_STD, ClassMapping, ImageBatch
-from datamodules.synthetic import SyntheticSet
-from lightning_modules.models import build_model
+from patchdd.data.pixels import normalize
+from patchdd.data.sources import IMAGENET_MEAN, IMAGENET_STD, ClassMapping, ImageBatch
+from patchdd.formats.synthetic_set import SyntheticSet
+from patchdd.training.zoo import build_model
 
 PALETTE = torch.tensor([[230, 30, 30], [30, 200, 40], [40, 60, 230], [235, 220, 40]], dtype=torch.uint8)
 CLASSES = ClassMapping(("red", "green", "blue", "yellow"), ("red", "green", "blue", "yellow"))
@@ -101,8 +101,8 @@ def write_real_folder(root: Path, per_class: int, seed: int) -> Path:
 
 def write_synthetic_export(directory: Path, ipc: int) -> Path:
     """Export a squares synthetic set the way ``cli.py distill`` does (PNGs, synthetic.json, tiles.parquet)."""
-    from datamodules.export import SyntheticFolderWriter
-    from datamodules.selection import Picks
+    from patchdd.formats.synthetic_folder import SyntheticFolderWriter
+    from patchdd.methods.selection import Picks
 
     synthetic = synthetic_set(ipc)
     writer = SyntheticFolderWriter(directory, synthetic.classes, synthetic.grid)

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import yaml
 
-from datamodules.toy import write_toy_dataset
+from patchdd.data.toy import write_toy_dataset
 from tests.tiny_sd import save_tiny_sd
-from workflows.demo import FULL_DATA_ROW, demo
+from patchdd.workflows.demo import FULL_DATA_ROW, demo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +61,9 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
 
 def test_demo_config_stacks_override_the_base_files(monkeypatch) -> None:
     """The layout / window variants of README's demo table are config stacks the commands accept."""
-    from cli import command_parser
-    from datamodules.distilled import distill
-    from workflows.demo import config_args
+    from patchdd.workflows.invoke import command_parser
+    from patchdd.workflows.distill import distill
+    from patchdd.workflows.demo import config_args
 
     monkeypatch.chdir(REPO)
     assert config_args("a.yaml") == ["-c", "a.yaml"]
@@ -72,8 +72,8 @@ def test_demo_config_stacks_override_the_base_files(monkeypatch) -> None:
     base = parser.parse_args(["-c", "configs/distill/toy.yaml"])
     stacked = parser.parse_args(config_args(["configs/distill/toy.yaml", "configs/distill/toy_2x2.yaml",
                                              "configs/distill/toy_window24.yaml"]))
-    assert base.layout.compose_max_ipc == 0 and stacked.layout.compose_max_ipc == 10
-    assert stacked.layout.output_size == base.layout.output_size == 64  # the rest of the base file stays
-    assert base.expect_settings["patch_size"] == 32 and stacked.expect_settings["patch_size"] == 24
+    assert base.synthesis.layout.compose_max_ipc == 0 and stacked.synthesis.layout.compose_max_ipc == 10
+    assert stacked.synthesis.layout.output_size == base.synthesis.layout.output_size == 64  # the rest of the base file stays
+    assert base.synthesis.expect_settings["patch_size"] == 32 and stacked.synthesis.expect_settings["patch_size"] == 24
     window = yaml.safe_load((REPO / "configs/score/toy_window24.yaml").read_text())
-    assert window["model"]["init_args"]["patch_size"] == stacked.expect_settings["patch_size"]
+    assert window["model"]["init_args"]["patch_size"] == stacked.synthesis.expect_settings["patch_size"]

@@ -15,25 +15,23 @@ import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-import cli
-from datamodules.real import IMAGENET_MEAN, IMAGENET_STD, ClassMapping
-from datamodules.toy import write_toy_dataset
-from lightning_modules.diffusion import load_prior
-from lightning_modules.diffusion_prior import (
-    DiffusionPrior,
-    PriorLoadError,
-    build_or_load,
+from patchdd import cli
+from patchdd.data.sources import IMAGENET_MEAN, IMAGENET_STD, ClassMapping
+from patchdd.data.toy import write_toy_dataset
+from patchdd.priors.sd import load_prior
+from patchdd.errors import PriorUnavailableError
+from patchdd.priors.sd import build_prior, save_prior
+from patchdd.lightning_modules.diffusion_prior import DiffusionPrior, export_checkpoint
+from patchdd.priors.objectives import (
     candidate_prompts,
     class_prompts,
     drop_prompts,
-    encode_prompts,
-    export_checkpoint,
     noise_prediction_loss,
     prompt_errors,
     timestep_loss_weights,
-    save_sd_folder,
     to_vae_range,
 )
+from patchdd.priors.sd import encode_prompts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -146,7 +144,7 @@ def test_to_vae_range_undoes_the_data_module_normalisation():
 
 def test_a_built_prior_has_an_offline_tokenizer_with_one_prompt_per_class(tmp_path):
     configs = toy_component_configs()
-    parts = build_or_load(None, configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"])
+    parts = build_prior(None, configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"])
     ids = parts.tokenizer(["An image of ring", "An image of star", "An image of ."]).input_ids
     assert len({tuple(i) for i in ids}) == 3
     assert all(i[0] == parts.text_encoder.config.bos_token_id and i[-1] == parts.text_encoder.config.eos_token_id
@@ -156,10 +154,10 @@ def test_a_built_prior_has_an_offline_tokenizer_with_one_prompt_per_class(tmp_pa
 
 def test_missing_components_give_one_clear_error():
     configs = toy_component_configs()
-    with pytest.raises(PriorLoadError, match="unet"):
-        build_or_load(None, None, configs["vae"], configs["text_encoder"], configs["scheduler"])
-    with pytest.raises(PriorLoadError, match="no/such/prior"):
-        build_or_load("no/such/prior", None, configs["vae"], configs["text_encoder"], configs["scheduler"])
+    with pytest.raises(PriorUnavailableError, match="unet"):
+        build_prior(None, None, configs["vae"], configs["text_encoder"], configs["scheduler"])
+    with pytest.raises(PriorUnavailableError, match="no/such/prior"):
+        build_prior("no/such/prior", None, configs["vae"], configs["text_encoder"], configs["scheduler"])
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +229,9 @@ def test_any_checkpoint_exports_the_same_prior(fitted, tmp_path):
 
 def test_a_loaded_prior_freezes_vae_and_text_encoder(tmp_path):
     configs = toy_component_configs()
-    parts = build_or_load(None, configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"])
+    parts = build_prior(None, configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"])
     parts.vae.register_to_config(scaling_factor=0.5)
-    save_sd_folder(tmp_path, parts)
+    save_prior(tmp_path, parts)
     prior = DiffusionPrior(pretrained=str(tmp_path))  # every component loaded: the SD v1.5 fine-tuning path
     assert prior.latent_scale.item() == pytest.approx(0.5)
     assert all(p.requires_grad for p in prior.unet.parameters())

@@ -12,19 +12,28 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
-from datamodules import distilled as distilled_module
-from datamodules import selection as selection_module
-from datamodules.augment import AugmentOptions
-from datamodules.baselines import RDEDOptions, patch_box_size, random_boxes, rded_pick, rded_tile_order
-from datamodules.composition import LayoutOptions, OriginalImages, crop_patch, layout_for, tile_images
-from datamodules.distilled import (DiffusionSelector, DistilledDataModule, RDEDSelector,
-                                   StoreIndex, build_synthetic, distill, subset_mapping)
-from datamodules.export import TILES_FILE, read_synthetic_folder
-from datamodules.real import ClassMapping, ImageFolderDataModule
-from datamodules.score_store import Manifest, PatchTable, ScoreStore, StoreError, StoreMismatchError
-from datamodules.selection import ClusterOptions, NotEnoughPatchesError, select_patches, cluster_features
-from lightning_modules.models import build_model
+from patchdd import cli
+from patchdd.workflows.invoke import command_parser
+from patchdd.methods import selection as selection_module
+from patchdd.methods.registry import SynthesisOptions, make_selector
+from patchdd.training.augment import AugmentOptions
+from patchdd.methods.random_patches import patch_box_size, random_boxes
+from patchdd.methods.rded import RDEDOptions, rded_pick, rded_tile_order
+from patchdd.methods.composition import LayoutOptions, OriginalImages, crop_patch, layout_for, tile_images
+from patchdd.datamodules.distilled import DistilledDataModule
+from patchdd.methods.diffusion import DiffusionSelector
+from patchdd.methods.rded import RDEDSelector
+from patchdd.methods.store_index import StoreIndex
+from patchdd.methods.synthesis import build_synthetic, subset_mapping
+from patchdd.workflows.distill import distill
+from patchdd.formats.synthetic_folder import TILES_FILE, read_synthetic_folder
+from patchdd.data.sources import ClassMapping
+from patchdd.datamodules.real import ImageFolderDataModule
+from patchdd.errors import StoreError, StoreMismatchError
+from patchdd.formats.score_store import Manifest, PatchTable, ScoreStore
+from patchdd.errors import NotEnoughPatchesError
+from patchdd.methods.selection import ClusterOptions, select_patches, cluster_features
+from patchdd.training.zoo import build_model
 from tests.conftest import write_image_folder
 
 torch.set_num_threads(1)
@@ -49,7 +58,7 @@ def write_store(directory: Path, root: Path, rows: list[dict], folders: list[str
     manifest = Manifest(
         settings={"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "topk": 2, "model": "test"},
         classes=ClassMapping.for_folders(folders).to_json(),
-        data={"class_path": "datamodules.real.ImageFolderDataModule",
+        data={"class_path": "patchdd.datamodules.real.ImageFolderDataModule",
               "init_args": {"root": str(root), "classes": folders}, "split": "train"},
     )
     store = ScoreStore.create_or_check(directory, manifest)
@@ -95,8 +104,9 @@ def build(store_dir: Path, classes: str, ipc: int, selector: str = "diffusion", 
     store = ScoreStore.open(store_dir)
     index = StoreIndex(store)
     images = OriginalImages.from_data_spec(store.manifest.data)
-    chooser = distilled_module.make_selector(selector, index, images, clustering=clustering, rded=kw.get("rded"),
-                                             seed=seed, output_size=OUTPUT, cache_dir=cache)
+    options = SynthesisOptions(selector, layout=kw.get("layout", LAYOUT), clustering=clustering,
+                               rded=kw.get("rded") or RDEDOptions(), seed=seed, cache_dir=cache)
+    chooser = make_selector(index, images, options)
     return build_synthetic(index, images, subset_mapping(index.classes, classes), ipc, chooser,
                            kw.get("layout", LAYOUT), progress=False)
 
@@ -257,8 +267,9 @@ def test_tile_images_places_tiles_row_major():
 def test_class_subset_remapping_agrees_with_imagefolder(data, tmp_path):
     root, store_dir = data
     real = ImageFolderDataModule(root=str(root), image_size=32, batch_size=4, num_workers=0)
-    module = DistilledDataModule(store=str(store_dir), classes=["cls c", "cls_a"], ipc=2, layout=LAYOUT,
-                                 clustering=FAST, real=real, batch_size=3, cache_dir=str(tmp_path))
+    synthesis = SynthesisOptions(layout=LAYOUT, clustering=FAST, cache_dir=str(tmp_path))
+    module = DistilledDataModule(store=str(store_dir), classes=["cls c", "cls_a"], ipc=2, synthesis=synthesis,
+                                 real=real, batch_size=3)
     assert module.class_mapping.folders == ("cls_a", "cls_c") == real.class_mapping.folders
     assert ImageFolderDataModule(root=str(root), classes="cls_c,cls_a").class_mapping == module.class_mapping
     module.setup("fit")
@@ -282,7 +293,7 @@ def test_data_module_errors(data, tmp_path):
     with pytest.raises(StoreError, match="no score store"):
         DistilledDataModule(store=str(tmp_path / "missing"))
     with pytest.raises(StoreMismatchError, match="patch_size: store has 16, requested 224"):
-        DistilledDataModule(store=str(store_dir), expect_settings={"patch_size": 224})
+        DistilledDataModule(store=str(store_dir), synthesis=SynthesisOptions(expect_settings={"patch_size": 224}))
     with pytest.raises(ValueError, match="exactly one"):
         DistilledDataModule()
 
@@ -358,10 +369,9 @@ def test_rded_selector_with_tiny_teacher(data, tmp_path):
 def test_export_round_trip(data, tmp_path):
     root, store_dir = data
     out = tmp_path / "out"
-    distill(str(store_dir), str(out), ipc=[3, 12], classes="cls_b,cls_a", layout=LAYOUT, clustering=FAST,
-            cache_dir=str(tmp_path / "cache"), progress=False)
-    module = DistilledDataModule(store=str(store_dir), classes="cls_a,cls_b", ipc=3, layout=LAYOUT,
-                                 clustering=FAST, cache_dir=str(tmp_path / "cache"))
+    synthesis = SynthesisOptions(layout=LAYOUT, clustering=FAST, cache_dir=str(tmp_path / "cache"))
+    distill(str(store_dir), str(out), ipc=[3, 12], classes="cls_b,cls_a", synthesis=synthesis, progress=False)
+    module = DistilledDataModule(store=str(store_dir), classes="cls_a,cls_b", ipc=3, synthesis=synthesis)
     module.setup("fit")
     reloaded = DistilledDataModule(synthetic_dir=str(out / "ipc3"))
     reloaded.setup("fit")
@@ -383,9 +393,11 @@ def test_export_round_trip(data, tmp_path):
     assert only_b.labels.tolist() == [0] * 12 and only_b.grid == 1
     assert (out / "contact_sheets" / "ipc12" / "cls_a.png").is_file()
     with pytest.raises(FileExistsError):
-        distill(str(store_dir), str(out), ipc=[3], classes="cls_a", layout=LAYOUT, progress=False)
+        distill(str(store_dir), str(out), ipc=[3], classes="cls_a", synthesis=SynthesisOptions(layout=LAYOUT),
+                progress=False)
     with pytest.raises(NotEnoughPatchesError, match="IPC 10"):  # checked before IPC 1 is written
-        distill(str(store_dir), str(tmp_path / "short"), ipc=[1, 10], classes="all", layout=LAYOUT, progress=False)
+        distill(str(store_dir), str(tmp_path / "short"), ipc=[1, 10], classes="all",
+                synthesis=SynthesisOptions(layout=LAYOUT), progress=False)
     assert not (tmp_path / "short" / "ipc1").exists()
 
 
@@ -393,7 +405,7 @@ def test_cli_distill_end_to_end(data, tmp_path):
     _, store_dir = data
     out = tmp_path / "cli"
     cli.main(["distill", "--store", str(store_dir), "--out", str(out), "--ipc", "1", "5", "10", "50",
-              "--classes", "cls_a,cls_b", "--layout.output_size", str(OUTPUT), "--clustering.n_init", "1",
+              "--classes", "cls_a,cls_b", "--synthesis.layout.output_size", str(OUTPUT), "--synthesis.clustering.n_init", "1",
               "--progress", "false"])
     for ipc in (1, 5, 10, 50):
         for folder in ("cls_a", "cls_b"):
@@ -404,16 +416,16 @@ def test_cli_distill_end_to_end(data, tmp_path):
         assert len(pq.read_table(out / f"ipc{ipc}" / TILES_FILE)) == 2 * ipc * (4 if ipc <= 10 else 1)
     assert len(list((store_dir / "clusters").glob("*.npz"))) == 2  # one clustering per class for all IPCs
     cli.main(["distill", "--store", str(store_dir), "--out", str(out), "--ipc", "1", "--classes", "cls_b",
-              "--layout.output_size", str(OUTPUT), "--clustering.n_init", "1", "--progress", "false",
+              "--synthesis.layout.output_size", str(OUTPUT), "--synthesis.clustering.n_init", "1", "--progress", "false",
               "--overwrite", "true"])
     assert sorted(p.name for p in (out / "ipc1").iterdir() if p.is_dir()) == ["cls_b"]
     assert [p.name for p in (out / "contact_sheets" / "ipc1").iterdir()] == ["cls_b.png"]
-    help_text = cli.command_parser("distill", distill).format_help()
-    assert "--clustering.top_clusters" in help_text and "--rded.crops_per_image" in help_text
+    help_text = command_parser("distill", distill).format_help()
+    assert "--synthesis.clustering.top_clusters" in help_text and "--synthesis.rded.crops_per_image" in help_text
 
 
 def test_plain_imagefolder_from_another_method_is_read_with_its_grid(tmp_path) -> None:
-    from datamodules.distilled import DistilledDataModule
+    from patchdd.datamodules.distilled import DistilledDataModule
     from tests.conftest import write_image_folder
 
     write_image_folder(tmp_path / "rded_set", ["n01440764", "n02102040"], per_class=3, size=(50, 40))
@@ -429,9 +441,9 @@ def test_uint8_batches_are_gathered_whole_and_cover_the_set_once() -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from datamodules.distilled import SyntheticBatches, already_batched
-    from datamodules.real import ClassMapping
-    from datamodules.synthetic import SyntheticSet
+    from patchdd.datamodules.distilled import SyntheticBatches, already_batched
+    from patchdd.data.sources import ClassMapping
+    from patchdd.formats.synthetic_set import SyntheticSet
 
     images = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1).expand(7, 3, 2, 2).contiguous()
     synthetic = SyntheticSet(images, torch.tensor([0, 1, 0, 1, 0, 1, 0]), ClassMapping(("a", "b"), ("a", "b")))

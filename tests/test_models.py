@@ -1,12 +1,8 @@
 import pytest
 import torch
 
-from lightning_modules.models import (
-    CheckpointMismatchError,
-    WeightsUnavailableError,
-    build_model,
-    load_checkpoint,
-)
+from patchdd.errors import CheckpointMismatchError, WeightsUnavailableError
+from patchdd.training.zoo import build_model, load_checkpoint
 
 ZOO = [
     ("resnet18", 64), ("resnet50", 64), ("resnet101", 64), ("mobilenetv2_100", 64), ("efficientnet_b0", 64),

@@ -4,16 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.real import (
-    CIFARDataModule,
-    ClassMapping,
-    DataError,
-    ImageFolderDataModule,
-    collate_readable,
-    read_ground_truth,
-    seeded_subset,
-)
-from datamodules.subsets import IMAGENET100, IMAGENETTE, IMAGEWOOF, imagenet_wnids, resolve_classes
+from patchdd.data.sources import ClassMapping, collate_readable, read_ground_truth, seeded_subset
+from patchdd.datamodules.real import CIFARDataModule, ImageFolderDataModule
+from patchdd.errors import DataError
+from patchdd.data.subsets import IMAGENET100, IMAGENETTE, IMAGEWOOF, imagenet_wnids, resolve_classes
 from tests.conftest import write_image_folder
 
 

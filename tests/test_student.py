@@ -14,13 +14,24 @@ import torch
 from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 
-from datamodules.augment import (AugmentOptions, augment_batch, cutmix, mixup, per_sample_transform, resized_crops,
-                                 sample_crop_boxes, shuffle_patches)
-from datamodules.real import ClassMapping, DataError
-from datamodules.subsets import imagenet_wnids
-from lightning_modules.models import build_model
-from lightning_modules.student import (FKDStudent, RDEDValidationSchedule, kd_kl_loss, learning_rate_for, lr_factor, rded_batch_size,
-                                       rded_validates, weight_decay_groups)
+from patchdd.training.augment import (
+    AugmentOptions,
+    augment_batch,
+    cutmix,
+    mixup,
+    per_sample_transform,
+    resized_crops,
+    sample_crop_boxes,
+    shuffle_patches,
+)
+from patchdd.data.sources import ClassMapping
+from patchdd.errors import DataError
+from patchdd.data.subsets import imagenet_wnids
+from patchdd.training.zoo import build_model
+from patchdd.datamodules.callbacks import RDEDValidationSchedule
+from patchdd.lightning_modules.student import FKDStudent
+from patchdd.training.kd import kd_kl_loss, learning_rate_for, lr_factor, rded_batch_size, rded_validates
+from patchdd.training.optim import weight_decay_groups
 from student_helpers import SIZE, SquaresData, train_teacher
 
 torch.set_num_threads(1)

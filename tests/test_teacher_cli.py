@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
-from datamodules.real import ClassMapping, DataError, ImageFolderDataModule
-from lightning_modules.models import build_model
+from patchdd import cli
+from patchdd.data.sources import ClassMapping
+from patchdd.datamodules.real import ImageFolderDataModule
+from patchdd.errors import DataError
+from patchdd.training.zoo import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs/teacher/toy_convnet.yaml")
@@ -38,14 +40,21 @@ def test_missing_root_exits_non_zero_naming_the_path(tmp_path: Path) -> None:
          "--trainer.default_root_dir", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
-    assert result.returncode != 0
-    assert str(missing) in result.stderr
+    assert result.returncode == 1
+    assert f"patchdd fit: error: DataError: data root does not exist: {missing}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
-def test_unknown_class_in_config_is_an_error(toy_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown class"):
-        cli.main(["fit", "-c", CONFIG, "--data.root", str(toy_root), "--data.classes", "[dodecahedron]",
-                  "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1"])
+def test_unknown_class_in_config_is_one_error_line(toy_root: Path, tmp_path: Path, capsys) -> None:
+    args = ["fit", "-c", CONFIG, "--data.root", str(toy_root), "--data.classes", "[dodecahedron]",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1"]
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(args)
+    assert stopped.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "unknown class" in lines[0] and "dodecahedron" in lines[0]
+    with pytest.raises(ValueError, match="unknown class"):  # --traceback: the exception itself
+        cli.main(["--traceback", *args])
 
 
 def test_help_lists_every_command(capsys) -> None:
@@ -72,7 +81,7 @@ def test_data_error_type_for_bad_root(tmp_path: Path) -> None:
 def test_test_command_reports_test_metrics(toy_root: Path, tmp_path: Path) -> None:
     from lightning import Trainer
 
-    from lightning_modules.classifier import Classifier
+    from patchdd.lightning_modules.classifier import Classifier
 
     dm = ImageFolderDataModule(str(toy_root), image_size=32, eval_resize=32, num_workers=0, batch_size=8)
     model = Classifier("convnet_d3", image_size=32, model_kwargs={"width": 8})

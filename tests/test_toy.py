@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.real import ImageFolderDataModule
-from datamodules.toy import SHAPES, box_overlap, draw_toy_image, load_boxes, write_toy_dataset
+from patchdd.datamodules.real import ImageFolderDataModule
+from patchdd.data.toy import SHAPES, box_overlap, draw_toy_image, load_boxes, write_toy_dataset
 
 
 def _digest(root: Path) -> str:

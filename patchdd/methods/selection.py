@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from patchdd.errors import NotEnoughPatchesError
+
 CACHE_FORMAT = 1
-
-
-class NotEnoughPatchesError(ValueError):
-    """A class holds fewer candidate patches (or images) than the synthetic set needs."""
 
 
 @dataclass(frozen=True)

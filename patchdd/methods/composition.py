@@ -8,7 +8,6 @@ bicubic resize); nothing passes through the VAE.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.real import DataError, ImageSource
+from patchdd.data.sources import ImageSource, reopen_source
+from patchdd.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -79,15 +79,7 @@ class OriginalImages:
 
         ``root`` replaces ``init_args["root"]`` (for a store whose images have moved).
         """
-        try:
-            module_name, _, class_name = data["class_path"].rpartition(".")
-            module_class = getattr(importlib.import_module(module_name), class_name)
-        except (KeyError, ImportError, AttributeError, ValueError) as err:
-            raise DataError(f"cannot reopen the store's images from its data description {data!r}: {err}") from err
-        init_args = dict(data.get("init_args", {}))
-        if root is not None:
-            init_args["root"] = root
-        return cls(module_class(**init_args).source(data.get("split", "train")))
+        return cls(reopen_source(data, root))
 
     def load(self, image_id: str) -> Image.Image:
         if image_id not in self.position:

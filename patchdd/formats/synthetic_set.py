@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from datamodules.real import ClassMapping
+from patchdd.data.sources import ClassMapping
 
 
 @dataclass

@@ -25,7 +25,8 @@ import torch
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
-from datamodules.real import IMAGENET_MEAN, IMAGENET_STD
+from patchdd.data.pixels import normalize
+from patchdd.data.sources import IMAGENET_MEAN, IMAGENET_STD
 
 ShuffleMode = Literal["strips", "tiles"]
 MixMode = Literal["cutmix", "mixup", "none"]
@@ -134,13 +135,6 @@ def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) 
     """Mirror each image left-right with probability 1/2."""
     flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Pixel values in 0..255 -> ``(x / 255 - mean) / std`` per channel."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
 
 
 def augment_batch(images: torch.Tensor, grid: int, options: AugmentOptions,

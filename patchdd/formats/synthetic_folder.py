@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
-from datamodules.real import ClassMapping, DataError, list_class_folders, scan_class_folders
-from datamodules.selection import Picks
-from datamodules.synthetic import SyntheticSet
+from patchdd.data.sources import ClassMapping, list_class_folders, scan_class_folders
+from patchdd.errors import DataError
+from patchdd.formats.synthetic_set import SyntheticSet
+from patchdd.methods.selection import Picks
 
 FORMAT_NAME = "patchdd-synthetic"
 FORMAT_VERSION = 1

@@ -15,17 +15,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from datamodules.export import INFO_FILE, TILES_FILE, read_synthetic_folder
-from datamodules.toy import BOXES_FILE, box_overlap, load_boxes, write_toy_dataset
-from workflows.matrix import StudentSpec, TeacherSpec, matrix
+from patchdd.data.toy import BOXES_FILE, box_overlap, load_boxes, write_toy_dataset
+from patchdd.formats.synthetic_folder import INFO_FILE, TILES_FILE, read_synthetic_folder
+from patchdd.workflows.console import output_to
+from patchdd.workflows.distill import distill
+from patchdd.workflows.invoke import packaged_path, run_function, run_trainer_command
+from patchdd.workflows.matrix import StudentSpec, TeacherSpec, matrix, slug
 
 FULL_DATA_ROW = "full data (teacher, CE)"
-
-
-def _run_cli(args: list[str]) -> None:
-    from cli import main
-
-    main(args)
 
 
 def config_args(configs: str | Sequence[str]) -> list[str]:
@@ -34,14 +31,19 @@ def config_args(configs: str | Sequence[str]) -> list[str]:
     return [arg for path in paths for arg in ("-c", path)]
 
 
-def _stage(name: str, done: bool, action: Callable[[], None]) -> None:
-    """Run ``action`` unless ``done``, with the time it took."""
+def _stage(name: str, done: bool, action: Callable[[], None], log_dir: Path | None = None) -> None:
+    """Run ``action`` unless ``done``, with the time it took; its output goes to ``log_dir/<stage>.log``."""
     if done:
-        print(f"[demo] {name}: done before, skipped")
+        print(f"[demo] {name}: done before, skipped", flush=True)
         return
     start = time.perf_counter()
-    print(f"[demo] {name} ...", flush=True)
-    action()
+    log_file = None if log_dir is None else log_dir / f"{slug(name.split(' (')[0])}.log"
+    print(f"[demo] {name} ..." + (f" (log: {log_file})" if log_file else ""), flush=True)
+    if log_file is None:
+        action()
+    else:
+        with output_to(log_file):
+            action()
     print(f"[demo] {name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -185,27 +187,28 @@ def demo(
     ``prior_config``. ``score_config`` and ``distill_config`` may be stacks of files (later ones override), e.g.
     ``configs/distill/toy.yaml`` plus ``configs/distill/toy_2x2.yaml`` for RDED's 2x2 layout.
     """
-    out_dir, data_dir, prior_dir = Path(out), Path(data), Path(prior)
+    out_dir, data_dir, prior_dir = Path(out), Path(data), Path(packaged_path(prior))
     teacher_dir, store_dir, syn_root = out_dir / "teacher", out_dir / "scores", out_dir / "syn"
+    logs = out_dir / "logs"
     start = time.perf_counter()
 
-    _stage("toy data", (data_dir / BOXES_FILE).is_file(), lambda: write_toy_dataset(str(data_dir)))
-    _stage("teacher", latest_checkpoint(teacher_dir) is not None, lambda: _run_cli(
+    _stage("toy data", (data_dir / BOXES_FILE).is_file(), lambda: write_toy_dataset(str(data_dir)), logs)
+    _stage("teacher", latest_checkpoint(teacher_dir) is not None, lambda: run_trainer_command(
         ["fit", "-c", teacher_config, "--data.root", str(data_dir), "--trainer.default_root_dir", str(teacher_dir),
-         "--trainer.enable_progress_bar", "false"]))
+         "--trainer.enable_progress_bar", "false"]), logs)
     teacher_checkpoint = latest_checkpoint(teacher_dir)
-    _stage("diffusion prior", (prior_dir / "unet").is_dir(), lambda: _run_cli(
+    _stage("diffusion prior", (prior_dir / "unet").is_dir(), lambda: run_trainer_command(
         ["fit", "-c", prior_config, "--data.root", str(data_dir), "--model.export_dir", str(prior_dir),
-         "--trainer.default_root_dir", str(out_dir / "prior_logs"), "--trainer.enable_progress_bar", "false"]))
-    _stage("scoring (resumes: only unscored images)", False, lambda: _run_cli(
+         "--trainer.default_root_dir", str(out_dir / "prior_logs"), "--trainer.enable_progress_bar", "false"]), logs)
+    _stage("scoring (resumes: only unscored images)", False, lambda: run_trainer_command(
         ["predict", *config_args(score_config), "--data.root", str(data_dir), "--model.prior", str(prior_dir),
-         "--store.dir", str(store_dir), "--trainer.enable_progress_bar", "false"]))
+         "--store.dir", str(store_dir), "--trainer.enable_progress_bar", "false"]), logs)
     for selector in selectors:
         done = all((syn_root / selector / f"ipc{i}" / INFO_FILE).is_file() for i in ipcs)
-        _stage(f"distil ({selector})", done, lambda s=selector: _run_cli(
-            ["distill", *config_args(distill_config), "--store", str(store_dir), "--out", str(syn_root / s),
-             "--selector", s, "--rded.checkpoint", str(teacher_checkpoint), "--overwrite", "true",
-             "--progress", "false", "--ipc", *map(str, ipcs)]))
+        _stage(f"distil ({selector})", done, lambda s=selector: run_function("distill", distill, [
+            *config_args(distill_config), "--store", str(store_dir), "--out", str(syn_root / s),
+            "--synthesis.selector", s, "--synthesis.rded.checkpoint", str(teacher_checkpoint),
+            "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]), logs)
     _stage("students", False, lambda: matrix(
         out=str(out_dir / "students"), base=student_configs,
         teachers=[TeacherSpec("convnet_d3", checkpoint=str(teacher_checkpoint), kwargs=teacher_kwargs,

@@ -33,6 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from patchdd.errors import StoreError, StoreMismatchError
+
 FORMAT_NAME = "patchdd-score-store"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -53,12 +55,6 @@ SCHEMA = pa.schema([
 ])
 
 
-class StoreError(ValueError):
-    """A score store that is missing, malformed or of another format version."""
-
-
-class StoreMismatchError(StoreError):
-    """A store written with other settings than the ones requested."""
 
 
 @dataclass

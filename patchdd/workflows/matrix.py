@@ -1,6 +1,7 @@
 """Benchmark matrices: teachers x students (x IPCs x selectors x seeds), each cell a normal ``fit`` of FKDStudent.
 
-Every cell runs ``python cli.py fit -c BASE ...overrides`` in its own process with its own log directory
+Every cell runs ``patchdd fit -c BASE ...overrides`` (in its own process, or inline) with its output in its own
+log file with its own log directory
 (``OUT/ipc{N}/{selector}/{teacher}__{student}/seed{S}``); a cell is finished when its ``summary.json`` exists and
 is skipped on rerun; an interrupted cell resumes from its ``checkpoints/last.ckpt``; a failed cell is recorded
 with its error and the others go on. Cells are spread over GPUs one at a time per slot of ``devices_per_cell``
@@ -29,9 +30,13 @@ from typing import Literal
 
 import numpy as np
 
-from lightning_modules.student import SUMMARY_FILE, rded_batch_size
+from tqdm.auto import tqdm
 
-CLI = Path(__file__).resolve().parent.parent / "cli.py"
+from patchdd.lightning_modules.student import SUMMARY_FILE
+from patchdd.training.kd import rded_batch_size
+from patchdd.workflows.console import output_to
+from patchdd.workflows.invoke import packaged_path, run_trainer_command
+
 RESULT_COLUMNS = ["teacher", "student", "ipc", "selector", "seed", "final_top1", "final_top5", "best_top1",
                   "best_epoch", "status", "error", "seconds", "log_dir"]
 Metric = Literal["final_top1", "best_top1"]
@@ -109,14 +114,14 @@ def cell_overrides(cell: Cell, batch_size: int | None, synthetic_dir: str | None
         values["data.init_args.synthetic_dir"] = synthetic_dir.format(ipc=cell.ipc, selector=cell.selector)
     else:
         values["data.init_args.ipc"] = cell.ipc
-        values["data.init_args.selector"] = cell.selector
+        values["data.init_args.synthesis.selector"] = cell.selector
     if batch_size is not None:
         values["data.init_args.batch_size"] = batch_size
     return {**values, **overrides}
 
 
 def fit_arguments(base: list[str], values: dict, checkpoint: Path | None) -> list[str]:
-    """``cli.py fit`` arguments: the base configs, then every override as ``--key=value`` (JSON for non-strings)."""
+    """``patchdd fit`` arguments: the base configs, then every override as ``--key=value`` (JSON for non-strings)."""
     args = ["fit"]
     for path in base:
         args += ["-c", path]
@@ -142,10 +147,11 @@ def error_line(log_file: Path) -> str:
 def run_cell(cell: Cell, args: list[str], gpus: list[int] | None, launcher: Launcher) -> dict:
     """Run one cell's fit; ``subprocess`` writes its output to ``cell.directory/log.txt``."""
     cell.directory.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(CLI), *args]
+    command = [sys.executable, "-m", "patchdd", *args]
     (cell.directory / "command.txt").write_text(shlex.join(command) + "\n")
     start = time.time()
-    error = run_subprocess(command, cell.directory / "log.txt", gpus) if launcher == "subprocess" else run_inline(args)
+    log_file = cell.directory / "log.txt"
+    error = run_subprocess(command, log_file, gpus) if launcher == "subprocess" else run_inline(args, log_file)
     summary = read_summary(cell.directory)
     seconds = round(time.time() - start, 1)
     if error is None and summary is not None:
@@ -170,14 +176,13 @@ def run_subprocess(command: list[str], log_file: Path, gpus: list[int] | None) -
     return error_line(log_file) if code != 0 else None
 
 
-def run_inline(args: list[str]) -> str | None:
-    """Run ``cli.py`` with ``args`` in this process; the error when it fails, else None."""
-    from cli import main
-
+def run_inline(args: list[str], log_file: Path) -> str | None:
+    """Run ``patchdd`` with ``args`` in this process, its output in ``log_file``; the error when it fails."""
     try:
-        main(args)
+        with output_to(log_file):
+            run_trainer_command(args)
     except SystemExit as exit_:  # jsonargparse exits on a bad option
-        return None if exit_.code in (0, None) else f"SystemExit: {exit_.code} (bad option? see the output above)"
+        return None if exit_.code in (0, None) else f"SystemExit: {exit_.code} (bad option? see {log_file})"
     except Exception as err:  # a failed cell is recorded, the matrix goes on
         return f"{type(err).__name__}: {err}"[:500]
     return None
@@ -391,7 +396,7 @@ def matrix(
         raise ValueError("launcher='inline' runs cells one by one in this process; use 'subprocess' with gpus")
     if not teachers or not students:
         raise ValueError("a matrix needs at least one teacher and one student")
-    bases = [base] if isinstance(base, str) else list(base)
+    bases = [packaged_path(path) for path in ([base] if isinstance(base, str) else base)]
     missing = [path for path in bases if not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(f"base config(s) not found: {missing} (relative paths start at {Path.cwd()})")
@@ -403,10 +408,12 @@ def matrix(
     for index, cell in enumerate(cells):
         summary = read_summary(cell.directory)
         if summary is not None:
-            print(f"cell {index + 1}/{len(cells)}: {cell.describe()}: finished before, skipped", flush=True)
             rows[index] = result_row(cell, {"status": "done", "error": "", **summary})
         else:
             pending.put(index)
+    if pending.qsize() < len(cells):
+        print(f"{len(cells) - pending.qsize()}/{len(cells)} cells finished before, skipped", flush=True)
+    progress = tqdm(total=pending.qsize(), desc="cells", unit="cell", disable=None, leave=False)
     devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
 
     def worker(slot: list[int] | None) -> None:
@@ -417,17 +424,18 @@ def matrix(
                 return
             cell = cells[index]
             where = f" on GPU {','.join(map(str, slot))}" if slot else ""
-            print(f"cell {index + 1}/{len(cells)}: {cell.describe()}{where}", flush=True)
             size = cell_batch_size(batch_size, cell.ipc, num_classes)
             values = cell_overrides(cell, size, synthetic_dir, devices, overrides)
             last = cell.directory / "checkpoints" / "last.ckpt"
             args = fit_arguments(bases, values, last if last.is_file() else None)
             outcome = run_cell(cell, args, slot, launcher)
             rows[index] = result_row(cell, outcome)
-            print(f"cell {index + 1}/{len(cells)}: {cell.describe()}: {describe_outcome(outcome)}", flush=True)
+            progress.write(f"cell {index + 1}/{len(cells)}: {cell.describe()}{where}: {describe_outcome(outcome)}")
+            progress.update()
 
     with sigterm_exits():
         run_workers(worker, device_slots(gpus, devices_per_cell))
+    progress.close()
     finished = [row for row in rows if row is not None]
     teacher_names = list(dict.fromkeys(t.title for t in teachers))
     student_names = list(dict.fromkeys(s.title for s in students))

@@ -16,17 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from patchdd.errors import CheckpointMismatchError, WeightsUnavailableError
+
 TORCHVISION_PREFIX = "tv:"
 CONVNET_PREFIX = "convnet_d"
 STATE_DICT_PREFIXES = ("model.", "module.", "_orig_mod.", "student.", "teacher.", "net.")
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but cannot be obtained (no network, no local file)."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose tensors do not fit the architecture it is loaded into."""
 
 
 class ConvNet(nn.Module):

@@ -1,55 +1,33 @@
-"""Baseline patch selectors, compared with the diffusion selection on the same interface.
+"""Baseline ``rded`` (Sun et al., CVPR 2024, LINs-lab/RDED): teacher-scored random crops.
 
-* random: uniformly placed square boxes of the store's patch size on the store's images, seeded.
-* RDED (Sun et al., CVPR 2024, LINs-lab/RDED): sample ``images_per_class`` images of a class (their scripts: 300),
-  take ``crops_per_image`` square random-resized crops of each (5; area scale 0.08-1, aspect 1), resize each to
-  the tile size, zero-pad it (in normalised space) to the teacher's input size, score it by the teacher's
-  log-probability of the true class, keep the best crop per image and the best images per class. At a tiled
-  layout image ``i`` gets the crops ranked ``i, n+i, 2n+i, 3n+i`` (``n`` = IPC), as RDED tiles them.
+Sample ``images_per_class`` images of a class (their scripts: 300), take ``crops_per_image`` square
+random-resized crops of each (5; area scale 0.08-1, aspect 1), resize each to the tile size, zero-pad it (in
+normalised space) to the teacher's input size, score it by the teacher's log-probability of the true class, keep
+the best crop per image and the best images per class. At a tiled layout image ``i`` gets the crops ranked
+``i, n+i, 2n+i, 3n+i`` (``n`` = IPC), as RDED tiles them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.real import IMAGENET_MEAN, IMAGENET_STD, ClassMapping, teacher_class_folders
-from datamodules.selection import NotEnoughPatchesError
-from lightning_modules.models import build_model
+from patchdd.data.pixels import normalize
+from patchdd.data.sources import IMAGENET_MEAN, IMAGENET_STD, ClassMapping, teacher_class_folders
+from patchdd.errors import NotEnoughPatchesError
+from patchdd.methods.base import class_rng
+from patchdd.methods.composition import Layout, OriginalImages
+from patchdd.methods.selection import Picks
+from patchdd.methods.store_index import StoreIndex
+from patchdd.training.zoo import build_model
 
-
-def patch_box_size(width: int, height: int, patch_size: int, image_size: int,
-                   whole_image: bool = False) -> tuple[int, int]:
-    """(width, height) in original pixels of a ``patch_size`` patch, scaled as the scorer scaled the image:
-    short side to ``image_size`` (aspect kept), or both sides to ``image_size`` when ``whole_image``."""
-    if whole_image:
-        scale_x, scale_y = width / image_size, height / image_size
-    else:
-        scale_x = scale_y = min(width, height) / image_size
-    return (max(1, min(width, round(patch_size * scale_x))), max(1, min(height, round(patch_size * scale_y))))
-
-
-def random_boxes(sizes: np.ndarray, count: int, box_size, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` uniformly placed boxes: (image positions into ``sizes``, boxes (count, 4)).
-
-    ``box_size(width, height) -> (w, h)`` gives the box of an image. Images are drawn without replacement,
-    cycling through fresh permutations when ``count`` exceeds them.
-    """
-    if len(sizes) == 0:
-        raise ValueError("no images to draw random patches from")
-    rounds = math.ceil(count / len(sizes))
-    chosen = np.concatenate([rng.permutation(len(sizes)) for _ in range(rounds)])[:count]
-    boxes = np.empty((count, 4), np.int64)
-    for i, (width, height) in enumerate(sizes[chosen]):
-        box_w, box_h = box_size(int(width), int(height))
-        x0 = int(rng.integers(0, width - box_w + 1))
-        y0 = int(rng.integers(0, height - box_h + 1))
-        boxes[i] = (x0, y0, x0 + box_w, y0 + box_h)
-    return chosen, boxes
+if TYPE_CHECKING:
+    from patchdd.methods.registry import SynthesisOptions
 
 
 @dataclass(frozen=True)
@@ -95,8 +73,7 @@ def random_square_box(width: int, height: int, scale: tuple[float, float], rng: 
 def teacher_inputs(crops: np.ndarray, input_size: int, mean, std) -> torch.Tensor:
     """uint8 (N, t, t, 3) crops -> normalised (N, 3, S, S): zero-padded around the centre when ``t < S``
     (RDED scores a tile padded to the full input), resized when ``t > S``."""
-    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255)
-    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    x = normalize(torch.from_numpy(crops).permute(0, 3, 1, 2), mean, std)
     t = x.shape[-1]
     if t > input_size:
         return F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
@@ -163,3 +140,38 @@ def rded_pick(sizes: np.ndarray, count: int, grid: int, crop_and_score, options:
     best_scores = scores[np.arange(sampled), best]
     ranked = np.argsort(-best_scores, kind="stable")[:count][rded_tile_order(count, grid)]
     return images[ranked], boxes.reshape(sampled, m, 4)[ranked, best[ranked]], best_scores[ranked]
+
+
+class RDEDSelector:
+    """RDED: teacher-scored random crops, one per image, the most confident images per class."""
+
+    name = "rded"
+
+    def __init__(self, index: StoreIndex, images: OriginalImages, options: RDEDOptions, seed: int,
+                 output_size: int) -> None:
+        self.index = index
+        self.images = images
+        self.rded = options
+        self.seed = seed
+        self.scorer = TeacherScorer(options, index.classes, output_size)
+
+    @classmethod
+    def from_options(cls, index: StoreIndex, images: OriginalImages, options: SynthesisOptions) -> RDEDSelector:
+        return cls(index, images, options.rded, options.seed, options.layout.output_size)
+
+    def options(self) -> dict:
+        return {**asdict(self.rded), "seed": self.seed}
+
+    def capacity(self, rows: np.ndarray) -> int:
+        return min(self.rded.images_per_class, len(self.index.images_of(rows)))
+
+    def pick(self, label: int, folder: str, rows: np.ndarray, count: int, layout: Layout) -> Picks:
+        images = self.index.images_of(rows)
+        ids = self.index.image_ids[images]
+
+        def crop_and_score(positions: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+            return self.scorer.log_probs(self.images.crops(ids[positions], boxes, layout.tile), folder)
+
+        chosen, boxes, scores = rded_pick(self.index.sizes[images], count, layout.grid, crop_and_score,
+                                          self.rded, class_rng(self.seed, folder))
+        return Picks.of(label, ids[chosen], boxes, scores)

@@ -1,0 +1,5 @@
+"""``python -m patchdd ...``: the command line."""
+
+from patchdd.cli import main
+
+main()

@@ -1,0 +1,94 @@
+"""The patchdd command line: ``patchdd COMMAND [-c CONFIG] [options]`` (also ``python -m patchdd``, ``python cli.py``).
+
+    patchdd fit -c configs/teacher/toy_convnet.yaml
+    patchdd toydata --out data/toy
+    patchdd --help
+
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands; the others are the suite's own
+commands, read by jsonargparse with the same habits (``-c config.yaml``, ``--print_config``). Every error is one
+line on the console; ``--traceback`` shows the stack, ``--verbose`` everything child runs print.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import os
+import sys
+
+# The suite's own commands: name -> "module:function"; the function's signature and docstring define the options.
+COMMANDS = {
+    "toydata": "patchdd.data.toy:write_toy_dataset",
+    "distill": "patchdd.workflows.distill:distill",
+    "matrix": "patchdd.workflows.matrix:matrix",
+    "demo": "patchdd.workflows.demo:demo",
+}
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+GLOBAL_FLAGS = {"--traceback": "show the stack of an error", "--verbose": "child runs print to the console too"}
+
+
+def summary(target: str) -> str:
+    """First docstring line of a command function, read from its source file without importing it (fast)."""
+    module, _, name = target.partition(":")
+    source = importlib.util.find_spec(module).origin
+    tree = ast.parse(open(source, encoding="utf-8").read())
+    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name)
+    return (ast.get_docstring(function) or "").splitlines()[0]
+
+
+def print_overview() -> None:
+    print("usage: patchdd [--traceback] [--verbose] COMMAND [-c CONFIG] [options]\n\ncommands:")
+    for name in TRAINER_COMMANDS:
+        print(f"  {name:<10} Lightning Trainer.{name} (LightningCLI; model and data by class name in the config)")
+    for name, target in COMMANDS.items():
+        print(f"  {name:<10} {summary(target)}")
+    print("\noptions:")
+    for flag, meaning in GLOBAL_FLAGS.items():
+        print(f"  {flag:<12} {meaning}")
+    print("\n`patchdd COMMAND --help` lists the options of one command.")
+
+
+def dispatch(args: list[str]) -> None:
+    """Run the command ``args[0]`` with the options ``args[1:]``."""
+    from patchdd.workflows.invoke import run_function, run_trainer_command
+
+    name = args[0]
+    if name in COMMANDS:
+        module, _, function = COMMANDS[name].partition(":")
+        run_function(name, getattr(importlib.import_module(module), function), args[1:])
+    elif name in TRAINER_COMMANDS:
+        run_trainer_command(args)
+    else:
+        raise SystemExit(f"patchdd: unknown command {name!r}; `patchdd --help` lists the commands")
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` on one line (a multi-line message joined with ``; ``)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {'; '.join(lines)}" if lines else type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one command; ``argv`` defaults to the process's command line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in args
+    if "--verbose" in args:
+        os.environ["PATCHDD_VERBOSE"] = "1"
+    args = [arg for arg in args if arg not in GLOBAL_FLAGS]
+    if not args or args[0] in ("-h", "--help"):
+        print_overview()
+        return
+    try:
+        dispatch(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as err:  # every command's error is one line unless --traceback
+        if show_traceback:
+            raise
+        print(f"patchdd {args[0]}: error: {one_line(err)} (--traceback for the stack)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

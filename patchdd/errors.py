@@ -1,0 +1,41 @@
+"""The suite's errors: one base class, :class:`PatchDDError`, with one subclass per kind of failure.
+
+The command line prints any of them as one line (``--traceback`` shows the stack). Each also derives from the
+built-in exception it used to be (``ValueError`` for bad input, ``RuntimeError`` for missing weights), so
+``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class PatchDDError(Exception):
+    """Base class of every error the suite raises on purpose."""
+
+
+class DataError(PatchDDError, ValueError):
+    """A data root, split, class list or image that cannot be used as given."""
+
+
+class StoreError(PatchDDError, ValueError):
+    """A score store that is missing, malformed or of another format version."""
+
+
+class StoreMismatchError(StoreError):
+    """A store written with other settings than the ones requested."""
+
+
+class NotEnoughPatchesError(PatchDDError, ValueError):
+    """A class holds fewer candidate patches (or images) than the synthetic set needs."""
+
+
+class PriorUnavailableError(PatchDDError, RuntimeError):
+    """A diffusion prior (or one of its components) that can be neither built from a config nor loaded from a
+    local folder or the hub."""
+
+
+class WeightsUnavailableError(PatchDDError, RuntimeError):
+    """Pretrained weights were asked for but cannot be obtained (no network, no local file)."""
+
+
+class CheckpointMismatchError(PatchDDError, ValueError):
+    """A checkpoint whose tensors do not fit the architecture (or classes) it is loaded into."""

@@ -1,0 +1,1 @@
+"""File formats: the score store, the in-memory synthetic set and the exported synthetic folder."""

@@ -1,0 +1,62 @@
+"""A score store's rows as arrays, for Stage II: metadata in memory, DIFT vectors read on first use."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from patchdd.data.sources import ClassMapping
+from patchdd.errors import StoreError, StoreMismatchError
+from patchdd.formats.score_store import ScoreStore, settings_difference
+
+META_COLUMNS = ["image_id", "label", "width", "height", "patch", "box", "score"]
+
+
+class StoreIndex:
+    """A store's rows without score maps: metadata as arrays, DIFT vectors read on first use."""
+
+    def __init__(self, store: ScoreStore) -> None:
+        self.store = store
+        self.classes = ClassMapping.from_json(store.manifest.classes)
+        table = store.read_arrow(META_COLUMNS)
+        self.image_ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
+        self.labels = table.column("label").to_numpy().astype(np.int64)
+        self.sizes = np.stack([table.column("width").to_numpy(), table.column("height").to_numpy()], 1).astype(np.int64)
+        self.patch_index = table.column("patch").to_numpy().astype(np.int64)
+        self.boxes = np.asarray(table.column("box").to_pylist(), np.int64).reshape(len(self.labels), 4)
+        self.scores = table.column("score").to_numpy().astype(np.float32)
+        self.content_hash = store.content_hash()
+        self._features = None
+
+    def setting(self, name: str):
+        if name not in self.store.manifest.settings:
+            raise StoreError(f"score store {self.store.directory} has no setting {name!r}")
+        return self.store.manifest.settings[name]
+
+    def rows_of(self, folder: str) -> np.ndarray:
+        return np.flatnonzero(self.labels == self.classes.index(folder))
+
+    def row_ids(self, rows: np.ndarray) -> list[str]:
+        return [f"{self.image_ids[r]}#{self.patch_index[r]}" for r in rows]
+
+    def features(self, rows: np.ndarray) -> np.ndarray:
+        """DIFT vectors (float32) of ``rows``; the feature column is read once, kept as float16."""
+        if self._features is None:
+            self._features = self.store.read_arrow(["feature"]).column("feature").combine_chunks()
+        picked = self._features.take(rows)
+        return picked.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(rows), -1)
+
+    def images_of(self, rows: np.ndarray) -> np.ndarray:
+        """One row per distinct image among ``rows`` (its first)."""
+        _, first = np.unique(self.image_ids[rows], return_index=True)
+        return rows[np.sort(first)]
+
+
+def check_settings(store: ScoreStore, expected: dict | None) -> None:
+    """Raise :class:`StoreMismatchError` when the store's settings differ from the ``expected`` ones given."""
+    if not expected:
+        return
+    stored = {key: store.manifest.settings.get(key) for key in expected}
+    diff = settings_difference(stored, expected)
+    if diff:
+        raise StoreMismatchError(f"score store {store.directory} was scored with other settings than asked:\n  "
+                                 + "\n  ".join(diff))

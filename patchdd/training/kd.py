@@ -1,0 +1,70 @@
+"""Knowledge distillation as RDED evaluates a synthetic set: the soft-label loss and RDED's protocol rules
+(temperature per mixing, learning-rate schedule, batch size, learning rate per architecture, validation cadence)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+# RDED (argument.py): the distillation temperature that goes with each mixing.
+RDED_TEMPERATURE = {"cutmix": 20.0, "mixup": 4.0}
+Schedule = Literal["half_cosine", "cosine", "constant"]
+
+
+def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+               scale_by_t2: bool = False) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) averaged over the batch (``KLDivLoss(reduction="batchmean")``).
+
+    ``scale_by_t2`` multiplies by T^2 (Hinton et al.); RDED does not.
+    """
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    target = F.softmax(teacher_logits.float() / temperature, dim=1)
+    loss = F.kl_div(log_student, target, reduction="batchmean")
+    return loss * temperature**2 if scale_by_t2 else loss
+
+
+def lr_factor(epoch: int, epochs: int, schedule: Schedule) -> float:
+    """Learning-rate multiplier at ``epoch`` (0-based) of ``epochs``.
+
+    ``half_cosine`` is RDED's ``0.5 (1 + cos(pi * epoch / (2 * epochs)))``: from 1 down to 0.5 at the end;
+    ``cosine`` goes down to 0; ``constant`` stays 1.
+    """
+    if schedule == "half_cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / (2 * epochs)))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}; choose 'half_cosine', 'cosine' or 'constant'")
+
+
+def rded_batch_size(ipc: int, num_classes: int) -> int:
+    """RDED's batch size: 10 / 50 / 100 from IPC 1 / 10 / 50 up, doubled for 100+ classes, at most IPC x classes.
+
+    RDED defines IPC 1, 10 and 50 only; IPCs in between take the size of the step below, IPC 100 that of 50.
+    """
+    base = 100 if ipc >= 50 else 50 if ipc >= 10 else 10
+    if num_classes >= 100:
+        base *= 2
+    return min(base, ipc * num_classes)
+
+
+def learning_rate_for(model_name: str, table: dict[str, float]) -> float:
+    """The learning rate of the first ``table`` key contained in ``model_name`` (case-insensitive)."""
+    name = model_name.lower()
+    for key, lr in table.items():
+        if key.lower() in name:
+            return lr
+    raise ValueError(f"no learning rate for student {model_name!r}: give lr, or add a key of its name to "
+                     f"lr_by_architecture (keys: {list(table)})")
+
+
+def rded_validates(epoch: int, max_epochs: int, every: int = 10, last_fraction: float = 0.2) -> bool:
+    """RDED's cadence: validate after epoch ``epoch`` (0-based) when it ends a block of ``every`` epochs in the
+    last ``last_fraction`` of training; the last epoch is always validated."""
+    if epoch == max_epochs - 1:
+        return True
+    return epoch % every == every - 1 and epoch > max_epochs * (1 - last_fraction)
