@@ -4,7 +4,7 @@
     python bench/prior_toy.py --data data/toy --out /tmp/p --trainer.max_steps 600   # other options go to `fit`
     python bench/prior_toy.py --data data/toy --out assets/toy_prior --skip-training   # measures a saved prior
 
-The measurement runs the real Stage I pass (``cli.py predict -c configs/score/toy.yaml``) on one split and reads
+The measurement runs the real Stage I pass (``patchdd predict -c configs/score/toy.yaml``) on one split and reads
 the kept patch of every image from the store. A *hit* is a patch that holds at least half of the ground-truth
 box (``box_overlap``); chance is the hit rate of a uniformly random patch position of the same size, computed
 exactly over all positions. Prints a Markdown table with the device.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import cli
+from patchdd import cli
 from patchdd.formats.score_store import ScoreStore
 from patchdd.data.toy import box_overlap, load_boxes
 from patchdd.lightning_modules.diffusion_prior import folder_size_mb
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/prior/toy")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--split", default="val")
-    args, fit_args = parser.parse_known_args()  # the rest goes to `cli.py fit`
+    args, fit_args = parser.parse_known_args()  # the rest goes to `patchdd fit`
     out, data = Path(args.out), Path(args.data)
     train_seconds = float("nan")
     if not args.skip_training:  # the training run goes through the same command line as `make toy-prior`

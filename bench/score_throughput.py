@@ -9,7 +9,7 @@ Both passes are measured end to end on the same folder of generated JPEGs: decod
 2N UNet evaluations, pooling, top-k, DIFT of the kept patch, writing the score store.
 
 * ``batched``: ``trainer.predict`` with :class:`DiffusionScorer`, :class:`ScoringDataModule` (shape buckets,
-  loader workers) and :class:`ScoreStoreWriter`, as ``cli.py predict`` runs it; an untimed warm-up pass over the
+  loader workers) and :class:`ScoreStoreWriter`, as ``patchdd predict`` runs it; an untimed warm-up pass over the
   same images (into another store) comes first, so that autotuning and compilation see every bucket shape.
 * ``naive``: one image at a time, the conditional and the null UNet calls separate, batch 1, and DIFT as one
   full UNet pass per noise draw; the same functions otherwise, rows appended to a store per image.
@@ -182,7 +182,7 @@ def print_flop_table(spec: dict, args) -> None:
     with torch.device("meta"):
         prior = random_prior(**spec)
         factor, side = prior.downsample_factor, args.patch_size // prior.downsample_factor
-        text = torch.zeros(1, spec["max_tokens"], spec["text_encoder"]["hidden_size"])
+        text = torch.zeros(1, spec["text_encoder"]["max_position_embeddings"], spec["text_encoder"]["hidden_size"])
         t = torch.tensor([160])
         unet_full = gflops(lambda: prior.unet(torch.zeros(1, 4, side, side), t, encoder_hidden_states=text))
         dift = gflops(lambda: up_block_features(prior.unet, torch.zeros(1, 4, side, side), t, text, 1))

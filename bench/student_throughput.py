@@ -3,7 +3,7 @@
 Three ways to feed the same step (CutMix, teacher, student, AdamW):
 
 * ``device set``: the synthetic set held on the device as uint8 (1,000 images, 2x2 compositions); a batch is one
-  gather there, then :func:`datamodules.augment.augment_batch` (what the student does with uint8 batches);
+  gather there, then :func:`patchdd.training.augment.augment_batch` (what the student does with uint8 batches);
 * ``CPU loader``: the set on the CPU behind a ``DataLoader(TensorDataset)`` with default collation and a copy to
   the device per batch (what a plain in-memory loader costs), then the same device augmentation;
 * ``pre-made``: already augmented, normalised float batches on the device: the ceiling.

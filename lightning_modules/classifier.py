@@ -51,6 +51,21 @@ class Classifier(RealValidation, L.LightningModule):
 
     ``num_classes`` defaults to the data module's class count. The network is ``self.model``, so a
     checkpoint of this module loads back with ``build_model(name, num_classes, checkpoint=path)``.
+
+    Args:
+        model: zoo name (timm name, ``tv:`` torchvision name, ``convnet_dN``).
+        num_classes: class count (default: the data module's).
+        pretrained: start from the hub weights.
+        checkpoint: start from a local checkpoint.
+        image_size: input side given to size-dependent models (ConvNets, ViT, Swin).
+        model_kwargs: extra keyword arguments of the model's constructor (e.g. ``{"width": 32}``).
+        optimizer: ``sgd`` or ``adamw``.
+        lr: peak learning rate.
+        weight_decay: weight decay.
+        momentum: SGD momentum.
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps before the per-step cosine decay.
+        label_smoothing: cross-entropy label smoothing.
     """
 
     def __init__(

@@ -35,15 +35,19 @@ class DiffusionPrior(L.LightningModule):
 
     Args:
         pretrained: SD-layout folder or hub id; the components without a config below are loaded from it.
-        unet, vae, text_encoder, scheduler: configs of the components to build (``UNet2DConditionModel``,
-            ``AutoencoderKL``, ``CLIPTextConfig`` and ``DDPMScheduler`` keyword arguments); ``None`` loads it.
+        unet: config of the UNet to build (``UNet2DConditionModel`` keyword arguments); ``None`` loads it.
+        vae: config of the VAE to build (``AutoencoderKL`` keyword arguments); ``None`` loads it.
+        text_encoder: config of the text encoder to build (``CLIPTextConfig``); ``None`` loads it (and its
+            tokenizer); a built one gets the offline character-level tokenizer.
+        scheduler: config of the noise scheduler (``DDPMScheduler`` keyword arguments); ``None`` loads it.
         prompt_template: class prompt, ``{name}`` is the class's display name from the data module.
         null_prompt: the unconditional prompt.
         null_prompt_fraction: fraction of training prompts replaced by the null prompt.
         prompt_candidates: class prompts tried per validation image for ``val/prompt_accuracy`` (its own and
             others at random; capped at the class count), one UNet batch each.
         loss_weighting: ``"epsilon"`` (DDPM's simple loss) or ``"v"`` (weights ``1 / abar_t``, the v-prediction
-            loss on the same epsilon-predicting network); ``max_loss_weight`` caps the weights.
+            loss on the same epsilon-predicting network).
+        max_loss_weight: cap of the ``v`` weights (None: no cap).
         vae_steps: the first steps train the VAE alone (reconstruction + KL); afterwards it is frozen.
         vae_learning_rate: learning rate of a built VAE (``None``: ``learning_rate``).
         kl_weight: weight of the VAE's KL term.
@@ -51,7 +55,9 @@ class DiffusionPrior(L.LightningModule):
         train_text_encoder: train a built text encoder with the UNet (a loaded one always stays frozen).
         latent_scale: latent scaling factor; ``None``: the loaded VAE's ``scaling_factor``, or measured as
             ``1 / std`` of the first diffusion batch's latents for a built VAE.
-        learning_rate, weight_decay, warmup_steps: AdamW with a linear warm-up.
+        learning_rate: AdamW learning rate of the UNet (and a trained text encoder).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps after the VAE phase.
         export_dir: where ``fit`` writes the SD-layout folder at its end (``None``: nowhere).
     """
 

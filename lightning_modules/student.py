@@ -31,8 +31,8 @@ class FKDStudent(RealValidation, L.LightningModule):
     """A student network trained on a synthetic set with a frozen teacher's soft labels, validated on real data.
 
     Training batches are ``(images, labels)``: uint8 images are augmented here on the device
-    (:func:`datamodules.augment.augment_batch`, with the grid of the data module's synthetic set); float
-    images are taken as already augmented by the loader (:func:`datamodules.augment.per_sample_transform`).
+    (:func:`patchdd.training.augment.augment_batch`, with the grid of the data module's synthetic set); float
+    images are taken as already augmented by the loader (:func:`patchdd.training.augment.per_sample_transform`).
     Validation batches are the real data module's ``ImageBatch``.
 
     ``lr`` None looks the student up in ``lr_by_architecture``; ``temperature`` None takes RDED's value for the
@@ -44,6 +44,36 @@ class FKDStudent(RealValidation, L.LightningModule):
     say) is cut to the data's classes: ``teacher_classes`` names its output classes (``"imagenet1k"``, the
     default for ``teacher_pretrained``, or a teacher run's ``class_mapping.json``), and ``teacher_outputs``
     records (its class count, the data classes' positions) in the checkpoint; it is filled in ``setup``.
+
+    Args:
+        teacher: zoo name of the teacher (timm name, ``tv:`` torchvision name, ``convnet_dN``).
+        student: zoo name of the student.
+        num_classes: class count (default: the data module's).
+        teacher_pretrained: load the teacher's hub weights (torchvision / timm ImageNet-1K).
+        teacher_checkpoint: load the teacher from a local checkpoint (``.ckpt`` of this suite, ``.pt``, ...).
+        random_teacher: allow a teacher with random weights (a control; otherwise an error).
+        teacher_kwargs: extra keyword arguments of the teacher's constructor (e.g. ``{"width": 32}``).
+        teacher_classes: the teacher's output classes: ``imagenet1k``, a ``class_mapping.json``, or None (the
+            data's own classes).
+        teacher_outputs: (teacher class count, data class positions) of a cut teacher; set in ``setup``.
+        student_kwargs: extra keyword arguments of the student's constructor.
+        model_image_size: input side given to size-dependent models (ConvNets, ViT, Swin).
+        augment: the on-device augmentation (tile shuffle, crop scale / ratio, flip, normalisation).
+        mixing: ``cutmix`` (RDED), ``mixup`` or ``none``, one per batch; the teacher labels the mixed batch.
+        cutmix_alpha: Beta parameter of CutMix.
+        mixup_alpha: Beta parameter of Mixup.
+        temperature: KD temperature (None: RDED's, 20 with CutMix, 4 with Mixup).
+        scale_loss_by_t2: multiply the KD loss by T^2 (RDED does not).
+        optimizer: ``adamw`` (RDED) or ``sgd``.
+        lr: learning rate (None: looked up in ``lr_by_architecture`` by the student's name).
+        lr_by_architecture: learning rate per substring of the student's name (RDED's table in the config).
+        weight_decay: weight decay.
+        decay_weights_only: decay weight matrices / kernels only, not biases and norm parameters (RDED).
+        momentum: SGD momentum.
+        betas: AdamW betas.
+        schedule: ``half_cosine`` (RDED: ends at half the lr), ``cosine`` (to 0) or ``constant``, per epoch.
+        track_unmixed_accuracy: RDED's extra no-grad student pass on the un-mixed batch for a training accuracy.
+        channels_last: run student and teacher in channels-last memory format.
     """
 
     def __init__(

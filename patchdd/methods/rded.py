@@ -9,7 +9,6 @@ the best crop per image and the best images per class. At a tiled layout image `
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -24,11 +23,13 @@ from patchdd.methods.base import class_rng
 from patchdd.methods.composition import Layout, OriginalImages
 from patchdd.methods.selection import Picks
 from patchdd.methods.store_index import StoreIndex
+from patchdd.training.augment import sample_crop_boxes
 from patchdd.training.zoo import build_model
 
 if TYPE_CHECKING:
     from patchdd.methods.registry import SynthesisOptions
 
+SQUARE = (1.0, 1.0)  # RDED's crops: RandomResizedCrop with aspect ratio 1
 
 @dataclass(frozen=True)
 class RDEDOptions:
@@ -53,21 +54,6 @@ class RDEDOptions:
     std: tuple[float, float, float] = IMAGENET_STD
     batch_size: int = 100
     device: str = "auto"
-
-
-def random_square_box(width: int, height: int, scale: tuple[float, float], rng: np.random.Generator,
-                      attempts: int = 10) -> np.ndarray:
-    """RandomResizedCrop's box with aspect ratio 1: area ``U(scale) * W * H``; the centred short-side square
-    after ``attempts`` misses."""
-    for _ in range(attempts):
-        side = round(math.sqrt(rng.uniform(*scale) * width * height))
-        if 0 < side <= min(width, height):
-            x0 = int(rng.integers(0, width - side + 1))
-            y0 = int(rng.integers(0, height - side + 1))
-            return np.array([x0, y0, x0 + side, y0 + side])
-    side = min(width, height)
-    x0, y0 = (width - side) // 2, (height - side) // 2
-    return np.array([x0, y0, x0 + side, y0 + side])
 
 
 def teacher_inputs(crops: np.ndarray, input_size: int, mean, std) -> torch.Tensor:
@@ -133,8 +119,9 @@ def rded_pick(sizes: np.ndarray, count: int, grid: int, crop_and_score, options:
                                     f"sampled (images_per_class={options.images_per_class}, {len(sizes)} images)")
     images = np.sort(rng.choice(len(sizes), sampled, replace=False))
     m = options.crops_per_image
-    boxes = np.stack([random_square_box(int(w), int(h), options.crop_scale, rng)
-                      for w, h in sizes[images] for _ in range(m)])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+    boxes = torch.cat([sample_crop_boxes(m, int(h), int(w), options.crop_scale, SQUARE, generator)
+                       for w, h in sizes[images]]).numpy()
     scores = np.asarray(crop_and_score(np.repeat(images, m), boxes)).reshape(sampled, m)
     best = scores.argmax(1)
     best_scores = scores[np.arange(sampled), best]

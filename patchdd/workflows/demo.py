@@ -20,7 +20,7 @@ from patchdd.formats.synthetic_folder import INFO_FILE, TILES_FILE, read_synthet
 from patchdd.workflows.console import output_to
 from patchdd.workflows.distill import distill
 from patchdd.workflows.invoke import packaged_path, run_function, run_trainer_command
-from patchdd.workflows.matrix import StudentSpec, TeacherSpec, matrix, slug
+from patchdd.workflows.matrix import StudentSpec, TeacherSpec, format_cell, matrix, seed_statistics
 
 FULL_DATA_ROW = "full data (teacher, CE)"
 
@@ -31,13 +31,12 @@ def config_args(configs: str | Sequence[str]) -> list[str]:
     return [arg for path in paths for arg in ("-c", path)]
 
 
-def _stage(name: str, done: bool, action: Callable[[], None], log_dir: Path | None = None) -> None:
-    """Run ``action`` unless ``done``, with the time it took; its output goes to ``log_dir/<stage>.log``."""
+def _stage(name: str, done: bool, action: Callable[[], None], log_file: Path | None = None) -> None:
+    """Run ``action`` unless ``done``, with the time it took; what it prints goes to ``log_file``."""
     if done:
         print(f"[demo] {name}: done before, skipped", flush=True)
         return
     start = time.perf_counter()
-    log_file = None if log_dir is None else log_dir / f"{slug(name.split(' (')[0])}.log"
     print(f"[demo] {name} ..." + (f" (log: {log_file})" if log_file else ""), flush=True)
     if log_file is None:
         action()
@@ -79,17 +78,9 @@ def accuracy_by_cell(results_csv: Path) -> dict[tuple[str, int], list[float]]:
     return cells
 
 
-def seed_statistics(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single run) of accuracies, in percent."""
-    values = 100 * np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
 def mean_std(values: Sequence[float]) -> str:
-    if not values:
-        return "failed"
-    mean, std = seed_statistics(values)
-    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+    """``mean ± std`` over seeds in percent (the matrix tables' format); ``failed`` when no run finished."""
+    return format_cell(*seed_statistics(values), len(values), 0) if values else "failed"
 
 
 def _pyplot():
@@ -192,23 +183,25 @@ def demo(
     logs = out_dir / "logs"
     start = time.perf_counter()
 
-    _stage("toy data", (data_dir / BOXES_FILE).is_file(), lambda: write_toy_dataset(str(data_dir)), logs)
+    _stage("toy data", (data_dir / BOXES_FILE).is_file(), lambda: write_toy_dataset(str(data_dir)),
+           logs / "toydata.log")
     _stage("teacher", latest_checkpoint(teacher_dir) is not None, lambda: run_trainer_command(
         ["fit", "-c", teacher_config, "--data.root", str(data_dir), "--trainer.default_root_dir", str(teacher_dir),
-         "--trainer.enable_progress_bar", "false"]), logs)
+         "--trainer.enable_progress_bar", "false"]), logs / "teacher.log")
     teacher_checkpoint = latest_checkpoint(teacher_dir)
     _stage("diffusion prior", (prior_dir / "unet").is_dir(), lambda: run_trainer_command(
         ["fit", "-c", prior_config, "--data.root", str(data_dir), "--model.export_dir", str(prior_dir),
-         "--trainer.default_root_dir", str(out_dir / "prior_logs"), "--trainer.enable_progress_bar", "false"]), logs)
+         "--trainer.default_root_dir", str(out_dir / "prior_logs"), "--trainer.enable_progress_bar", "false"]),
+           logs / "prior.log")
     _stage("scoring (resumes: only unscored images)", False, lambda: run_trainer_command(
         ["predict", *config_args(score_config), "--data.root", str(data_dir), "--model.prior", str(prior_dir),
-         "--store.dir", str(store_dir), "--trainer.enable_progress_bar", "false"]), logs)
+         "--store.dir", str(store_dir), "--trainer.enable_progress_bar", "false"]), logs / "scoring.log")
     for selector in selectors:
         done = all((syn_root / selector / f"ipc{i}" / INFO_FILE).is_file() for i in ipcs)
         _stage(f"distil ({selector})", done, lambda s=selector: run_function("distill", distill, [
             *config_args(distill_config), "--store", str(store_dir), "--out", str(syn_root / s),
             "--synthesis.selector", s, "--synthesis.rded.checkpoint", str(teacher_checkpoint),
-            "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]), logs)
+            "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]), logs / f"distill-{selector}.log")
     _stage("students", False, lambda: matrix(
         out=str(out_dir / "students"), base=student_configs,
         teachers=[TeacherSpec("convnet_d3", checkpoint=str(teacher_checkpoint), kwargs=teacher_kwargs,

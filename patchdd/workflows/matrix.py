@@ -209,11 +209,16 @@ def aggregate(rows: list[dict], metric: Metric) -> dict[tuple, tuple[float, floa
         groups.setdefault((row["ipc"], row["selector"], row["teacher"], row["student"]), []).append(row)
     out = {}
     for key, members in groups.items():
-        values = np.array([100 * float(r[metric]) for r in members if r["status"] == "done" and r[metric] is not None])
-        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        mean = float(values.mean()) if len(values) else float("nan")
+        values = [float(r[metric]) for r in members if r["status"] == "done" and r[metric] is not None]
+        mean, std = seed_statistics(values) if values else (float("nan"), 0.0)
         out[key] = (mean, std, len(values), sum(r["status"] == "failed" for r in members))
     return out
+
+
+def seed_statistics(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single run) of accuracies (fractions), in percent."""
+    percent = 100 * np.asarray(values, dtype=float)
+    return float(percent.mean()), float(percent.std(ddof=1)) if len(percent) > 1 else 0.0
 
 
 def format_cell(mean: float, std: float, runs: int, failed: int) -> str:
