@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
-from patchdd.data.sources import ClassMapping, list_class_folders, scan_class_folders
+from patchdd.data.sources import ClassMapping, list_class_folders, open_rgb, scan_class_folders
 from patchdd.errors import DataError
 from patchdd.formats.synthetic_set import SyntheticSet
 from patchdd.methods.selection import Picks
@@ -123,8 +123,7 @@ def read_synthetic_folder(directory: str | Path, folders: list[str] | None = Non
         if len(files) != info["ipc"]:
             raise DataError(f"{directory / folder} holds {len(files)} images, synthetic.json says {info['ipc']}")
         for file in files:
-            with Image.open(file) as img:
-                images.append(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1))
+            images.append(torch.from_numpy(np.array(open_rgb(file))).permute(2, 0, 1))
             labels.append(label)
     subset = ClassMapping(tuple(folders), tuple(classes.names[classes.index(f)] for f in folders))
     return SyntheticSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), subset, info["grid"])
