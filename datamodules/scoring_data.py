@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from patchdd.data.scoring_images import (ResizeGeometry, ScoringImages, ShardedBucketBatchSampler, collate_scoring,
                                          plan_resize, scan_sizes)
-from patchdd.data.sources import ClassMapping, ImageSource, seeded_subset
+from patchdd.data.sources import ClassMapping, ImageSource, data_fingerprint, seeded_subset
 from patchdd.datamodules.real import RealDataModule
 from patchdd.errors import DataError
 
@@ -98,10 +98,13 @@ class ScoringDataModule(L.LightningDataModule):
                 "max_images_per_class": self.max_images_per_class, "subset_seed": self.subset_seed}
 
     def describe(self) -> dict:
-        """How to reopen the scored images: the real data module's class_path + init_args, and the split."""
-        init_args = init_args_of(self.data) | {"classes": list(self.class_mapping.folders)}
+        """How to reopen the scored images (the real data module's class_path + init_args, and the split) and the
+        data's fingerprint (root, per-class file lists and sizes), which a resumed store must match."""
+        folders = list(self.class_mapping.folders)
+        init_args = init_args_of(self.data) | {"classes": folders}
         return {"class_path": f"{type(self.data).__module__}.{type(self.data).__qualname__}",
-                "init_args": init_args, "split": self.split}
+                "init_args": init_args, "split": self.split,
+                "fingerprint": data_fingerprint(self.source, folders, getattr(self.data, "root", None))}
 
     def exclude(self, image_ids: set[str]) -> None:
         """Leave these images out (they are already in the store)."""

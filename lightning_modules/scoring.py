@@ -57,6 +57,8 @@ class DiffusionScorer(L.LightningModule):
         if num_draws < 1 or top_k < 1 or dift_ensemble < 1:
             raise ValueError("num_draws, top_k and dift_ensemble must be at least 1")
         self.save_hyperparameters()
+        # A resume with fewer pending images than ranks leaves some ranks without a batch: they finish cleanly.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         self.prior_name, self.revision = prior, revision
         self.patch_size, self.num_draws, self.t_range = patch_size, num_draws, (float(lo), float(hi))
         self.stratified_t, self.top_k, self.seed = stratified_t, top_k, seed

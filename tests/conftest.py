@@ -42,3 +42,11 @@ def toy_root(tmp_path_factory) -> Path:
 
     return write_toy_dataset(str(tmp_path_factory.mktemp("toy")), num_classes=4, image_size=64,
                              train_per_class=6, val_per_class=3)
+
+
+@pytest.fixture(scope="session")
+def prior_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Stable Diffusion prior in the SD folder layout (tests/tiny_sd.py)."""
+    from tiny_sd import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("prior") / "tiny-sd")

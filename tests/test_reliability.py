@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import struct
 import zlib
 from pathlib import Path
 
+import lightning as L
 import numpy as np
+import pytest
 from PIL import Image
 
 from patchdd.data.sources import open_rgb, scan_class_folders
+from patchdd.datamodules.score_writer import ScoreStoreWriter
+from patchdd.errors import DataError, StoreError, StoreMismatchError
+from patchdd.formats.score_store import MANIFEST_FILE, ScoreStore
+from test_scoring import raw_row_count, run_predict, scorer, scoring_data
 
 
 def write_png16(path: Path, pixels: np.ndarray) -> Path:
@@ -47,3 +56,96 @@ def test_hidden_folders_inside_class_folders_are_not_images(tmp_path: Path) -> N
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (4, 4)).save(tmp_path / name)
     assert scan_class_folders(tmp_path, ["cat"]).ids == ["cat/a.png", "cat/sub/c.png"]
+
+
+
+
+# ------------------------------------------------------------------------------------------ Stage I store
+def two_class_images(root: Path, sizes=((48, 32), (40, 40), (32, 48)), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for name in ("cat", "dog"):
+        (root / "train" / name).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "train" / name / f"{i}.png")
+    return root
+
+
+def test_resuming_a_store_on_other_data_is_a_mismatch_naming_the_difference(prior_dir, tmp_path) -> None:
+    first = two_class_images(tmp_path / "first")
+    run_predict(prior_dir, first, tmp_path / "store")
+    other_root = shutil.copytree(first, tmp_path / "other")
+    with pytest.raises(StoreMismatchError, match="data root"):  # same files, another root
+        run_predict(prior_dir, other_root, tmp_path / "store")
+    (first / "train" / "dog" / "2.png").unlink()  # same root, one image fewer
+    with pytest.raises(StoreMismatchError, match="class dog: 3 images in the store's data, 2 now"):
+        run_predict(prior_dir, first, tmp_path / "store")
+    Image.new("RGB", (96, 64)).save(first / "train" / "dog" / "2.png")  # same name, other file (a resized copy)
+    with pytest.raises(StoreMismatchError, match="class dog: same image count, other files"):
+        run_predict(prior_dir, first, tmp_path / "store")
+    assert len(ScoreStore.open(tmp_path / "store").scored_ids()) == 6  # nothing was mixed in
+
+
+def test_a_failed_first_run_leaves_no_store_behind(prior_dir, tmp_path) -> None:
+    root = two_class_images(tmp_path / "images")
+    (root / "train" / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        run_predict(prior_dir, root, tmp_path / "store")
+    (root / "train" / "empty").rmdir()
+    with pytest.raises(Exception, match="no_such_prior"):  # a misspelled prior: fails after the data is read
+        run_predict(tmp_path / "no_such_prior", root, tmp_path / "store")
+    assert not (tmp_path / "store" / MANIFEST_FILE).exists()
+    run_predict(prior_dir, root, tmp_path / "store")  # the corrected command just runs
+    assert len(ScoreStore.open(tmp_path / "store").scored_ids()) == 6
+
+
+def test_a_garbage_manifest_is_a_store_error(tmp_path) -> None:
+    (tmp_path / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(StoreError, match="unreadable"):
+        ScoreStore.open(tmp_path)
+
+
+class SigtermAfterFirstBatch(L.Callback):
+    """Delivers SIGTERM to this process once the first batch is done, as SLURM does before pre-empting a job."""
+
+    def on_predict_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.predict_loop.batch_progress.current.completed == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_stops_scoring_after_the_current_batch_and_keeps_it(prior_dir, tmp_path) -> None:
+    root = two_class_images(tmp_path / "images")
+    trainer = L.Trainer(callbacks=[SigtermAfterFirstBatch(), ScoreStoreWriter(str(tmp_path / "store"))],
+                        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(SystemExit):
+        trainer.predict(scorer(prior_dir), datamodule=scoring_data(root), return_predictions=False)
+    assert len(ScoreStore.open(tmp_path / "store").scored_ids()) == 2  # one batch of 2, no more
+    run_predict(prior_dir, root, tmp_path / "store")  # the same command resumes
+    assert len(ScoreStore.open(tmp_path / "store").scored_ids()) == 6
+
+
+def test_ddp_resume_with_fewer_pending_images_than_ranks(prior_dir, tmp_path) -> None:
+    """A SLURM requeue near the end of a run: 1 image left, 2 ranks; the idle rank finishes cleanly."""
+    root = two_class_images(tmp_path / "images")
+    run_predict(prior_dir, root, tmp_path / "store", batch_size=1)  # one shard per image
+    store = ScoreStore.open(tmp_path / "store")
+    store.shard_paths()[-1].unlink()
+    assert len(store.scored_ids()) == 5
+    run_predict(prior_dir, root, tmp_path / "store", batch_size=1,
+                trainer_kwargs={"devices": 2, "strategy": "ddp_fork", "use_distributed_sampler": False})
+    assert len(store.scored_ids()) == 6  # the missing image, once (2 patches per image, none written twice):
+    assert raw_row_count(tmp_path / "store") == len(store.read()) == 12
+
+
+# ------------------------------------------------------------------------------------------ Stage II input
+def test_empty_class_list_and_negative_ipc_are_clear_errors() -> None:
+    from patchdd.data.subsets import resolve_classes
+    from patchdd.methods.composition import LayoutOptions
+    from patchdd.methods.synthesis import patch_count
+
+    with pytest.raises(ValueError, match="names no class"):
+        resolve_classes("", ["a", "b"])
+    with pytest.raises(ValueError, match="names no class"):
+        resolve_classes(" , ", ["a", "b"])
+    with pytest.raises(ValueError, match="IPC must be at least 1, got -1"):
+        patch_count(-1, LayoutOptions())

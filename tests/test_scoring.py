@@ -39,18 +39,12 @@ from patchdd.scoring.relevance import (
     top_k_windows,
     window_box,
 )
-from tiny_sd import save_tiny_sd  # noqa: E402
 
 torch.set_num_threads(1)
 
 IMAGE_SIZE = 32  # short side of the scored images (tiny VAE: 4 px per latent cell -> 8 cells)
 PATCH_SIZE = 16  # 4 x 4 latent cells
 SIZES = [(48, 32), (32, 48), (40, 40), (80, 32), (36, 60), (32, 32), (64, 40)]
-
-
-@pytest.fixture(scope="module")
-def prior_dir(tmp_path_factory) -> Path:
-    return save_tiny_sd(tmp_path_factory.mktemp("prior") / "tiny-sd")
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,12 @@ Labels of a class subset are remapped to ``0..K-1`` in the sorted order of the f
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib
 import json
 import random
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,8 @@ class ImageSource(Protocol):
 
     def load(self, i: int) -> Image.Image: ...
 
+    def identity(self, i: int) -> str: ...
+
 
 # Pillow's modes of high-bit-depth greyscale images (16-bit PNG / TIFF); convert("RGB") clips them to white.
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -117,6 +121,10 @@ class FileImageSource:
     def load(self, i: int) -> Image.Image:
         return open_rgb(self.path(i))
 
+    def identity(self, i: int) -> str:
+        """What makes image ``i`` this image, for the data fingerprint: its relative path and file size."""
+        return f"{self.ids[i]}\t{self.path(i).stat().st_size}"
+
 
 @dataclass
 class ArrayImageSource:
@@ -135,6 +143,10 @@ class ArrayImageSource:
 
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.array[i])
+
+    def identity(self, i: int) -> str:
+        """What makes image ``i`` this image, for the data fingerprint: its id and a checksum of its pixels."""
+        return f"{self.ids[i]}\t{zlib.crc32(self.array[i].tobytes())}"
 
 
 class ImageBatch(NamedTuple):
@@ -316,3 +328,15 @@ def reopen_source(data: dict, root: str | None = None) -> ImageSource:
     if root is not None:
         init_args["root"] = root
     return module_class(**init_args).source(data.get("split", "train"))
+
+
+def data_fingerprint(source: ImageSource, folders: Sequence[str], root: str | Path | None) -> dict:
+    """What a score store records of the data it was scored on, to refuse resuming on other data: the data root
+    and, per class, ``[image count, sha256 of the images' identities]`` (relative paths and file sizes, so a
+    resized copy of the same files differs too)."""
+    lines: dict[int, list[str]] = {}
+    for i, label in enumerate(source.labels):
+        lines.setdefault(label, []).append(source.identity(i))
+    classes = {folder: [len(lines.get(label, [])), hashlib.sha256("\n".join(lines.get(label, [])).encode())
+                        .hexdigest()[:16]] for label, folder in enumerate(folders)}
+    return {"root": None if root is None else str(Path(root).expanduser().resolve()), "classes": classes}

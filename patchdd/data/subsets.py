@@ -85,6 +85,8 @@ def resolve_classes(spec: str | Sequence[str] | None, available: Sequence[str]) 
         items = list(PRESETS[key]) if key in PRESETS else [s.strip() for s in spec.split(",") if s.strip()]
     else:
         items = list(spec)
+    if not items:
+        raise ValueError(f"the class list {spec!r} names no class (give 'all', a preset or class names)")
     by_name = {_normalise(display_name(f)): f for f in available}
     resolved, unknown = [], []
     for item in items:

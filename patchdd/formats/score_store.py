@@ -173,6 +173,24 @@ def settings_difference(stored: dict, requested: dict) -> list[str]:
             for k in keys if _plain(stored.get(k)) != _plain(requested.get(k))]
 
 
+def fingerprint_difference(stored: dict | None, current: dict) -> list[str]:
+    """What differs between the data a store was scored on and the data given now (root, then class by class:
+    image counts, or the files themselves: names and sizes)."""
+    if stored is None:
+        return ["data: the store records no data fingerprint (written by an older release); score into a new store"]
+    diff = []
+    if stored.get("root") != current.get("root"):
+        diff.append(f"data root: store has {stored.get('root')!r}, requested {current.get('root')!r}")
+    old, new = stored.get("classes", {}), current.get("classes", {})
+    for folder in sorted(set(old) | set(new)):
+        (count_a, hash_a), (count_b, hash_b) = old.get(folder, (0, "")), new.get(folder, (0, ""))
+        if count_a != count_b:
+            diff.append(f"class {folder}: {count_a} images in the store's data, {count_b} now")
+        elif hash_a != hash_b:
+            diff.append(f"class {folder}: same image count, other files (names or sizes differ)")
+    return diff[:10] + ([f"... and {len(diff) - 10} more differences"] if len(diff) > 10 else [])
+
+
 def _plain(value):
     """JSON round trip, so that tuples and lists compare equal."""
     return json.loads(json.dumps(value))
@@ -191,7 +209,11 @@ class ScoreStore:
         path = Path(directory) / MANIFEST_FILE
         if not path.is_file():
             raise StoreError(f"no score store at {directory} (missing {MANIFEST_FILE})")
-        return cls(directory, Manifest.from_json(json.loads(path.read_text())))
+        try:
+            return cls(directory, Manifest.from_json(json.loads(path.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise StoreError(f"the score store manifest {path} is unreadable ({type(err).__name__}: {err}); "
+                             "it is not a store this suite wrote, or it was damaged") from None
 
     @classmethod
     def create_or_check(cls, directory: str | Path, manifest: Manifest) -> "ScoreStore":
@@ -199,18 +221,20 @@ class ScoreStore:
         directory = Path(directory)
         if (directory / MANIFEST_FILE).is_file():
             store = cls.open(directory)
-            store.check(manifest.settings, manifest.classes)
+            store.check(manifest.settings, manifest.classes, manifest.data.get("fingerprint"))
             return store
         directory.mkdir(parents=True, exist_ok=True)
         (directory / SHARD_DIR).mkdir(exist_ok=True)
         _atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest.to_json(), indent=1))
         return cls(directory, manifest)
 
-    def check(self, settings: dict, classes: dict | None = None) -> None:
-        """Raise :class:`StoreMismatchError` when the store was made with other settings (or classes)."""
+    def check(self, settings: dict, classes: dict | None = None, fingerprint: dict | None = None) -> None:
+        """Raise :class:`StoreMismatchError` when the store was made with other settings, classes or data."""
         diff = settings_difference(self.manifest.settings, settings)
         if classes is not None and _plain(classes) != _plain(self.manifest.classes):
             diff.append("classes: the store's class list differs from the requested one")
+        if fingerprint is not None:
+            diff += fingerprint_difference(self.manifest.data.get("fingerprint"), fingerprint)
         if diff:
             raise StoreMismatchError(f"score store {self.directory} was written with other settings:\n  "
                                      + "\n  ".join(diff))
@@ -272,6 +296,6 @@ def _drop_duplicate_rows(table: pa.Table) -> pa.Table:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # unique: ranks may write at once
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -35,6 +35,8 @@ def subset_mapping(available: ClassMapping, classes: str | list[str] | None) -> 
 
 def patch_count(ipc: int, layout_options: LayoutOptions) -> int:
     """Patches needed per class: ``grid**2 * IPC`` (4 * IPC when tiled 2x2, IPC otherwise)."""
+    if ipc < 1:
+        raise ValueError(f"IPC must be at least 1, got {ipc}")
     return ipc * layout_for(ipc, layout_options).patches_per_image
 
 
