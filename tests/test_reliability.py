@@ -149,3 +149,64 @@ def test_empty_class_list_and_negative_ipc_are_clear_errors() -> None:
         resolve_classes(" , ", ["a", "b"])
     with pytest.raises(ValueError, match="IPC must be at least 1, got -1"):
         patch_count(-1, LayoutOptions())
+
+
+# ------------------------------------------------------------------------------------------ Stage II outputs
+@pytest.fixture
+def small_store(tmp_path) -> tuple[Path, Path]:
+    from test_distill import random_rows, write_images, write_store
+
+    counts = {"cls_a": 12, "cls_b": 12}
+    write_images(tmp_path / "images", counts)
+    write_store(tmp_path / "store", tmp_path / "images", random_rows(counts), list(counts))
+    return tmp_path / "images", tmp_path / "store"
+
+
+def distill_small(store: Path, out: Path, **kwargs) -> None:
+    from patchdd.methods.registry import SynthesisOptions
+    from patchdd.workflows.distill import distill
+    from test_distill import FAST, LAYOUT
+
+    synthesis = SynthesisOptions(selector="random", layout=LAYOUT, clustering=FAST, **kwargs)
+    distill(str(store), str(out), ipc=[2], classes="all", synthesis=synthesis, overwrite=True, progress=False)
+
+
+def test_a_failing_distill_keeps_the_old_output_whole(small_store, tmp_path, monkeypatch) -> None:
+    from patchdd.formats.synthetic_folder import SyntheticFolderWriter
+
+    _, store = small_store
+    out = tmp_path / "out"
+    distill_small(store, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+
+    def fail(self, info):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(SyntheticFolderWriter, "close", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        distill_small(store, out, seed=1)
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == before  # nothing lost or mixed
+    assert not [p for p in out.iterdir() if ".building-" in p.name]
+
+
+def test_two_runs_into_one_output_do_not_interleave(small_store, tmp_path) -> None:
+    from patchdd.formats.outputs import OutputBusyError, exclusive_output
+
+    _, store = small_store
+    with exclusive_output(tmp_path / "out"):  # a first run holds the output
+        with pytest.raises(OutputBusyError, match=f"pid {os.getpid()}"):
+            distill_small(store, tmp_path / "out")
+    distill_small(store, tmp_path / "out")  # free again once the first run is done
+    assert (tmp_path / "out" / "ipc2" / "synthetic.json").is_file()
+
+
+def test_boxes_outside_a_resized_copy_are_an_error_naming_the_image(small_store, tmp_path) -> None:
+    images, store = small_store
+    resized = tmp_path / "resized"
+    for path in images.rglob("*.png"):
+        target = resized / path.relative_to(images)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as image:
+            image.resize((image.width // 2, image.height // 2)).save(target)
+    with pytest.raises(DataError, match=r"lies outside image 'cls_a/img_\d+\.png' \(24x20\)"):
+        distill_small(store, tmp_path / "out", images_root=str(resized))

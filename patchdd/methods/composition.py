@@ -95,6 +95,17 @@ class OriginalImages:
             by_image.setdefault(image_id, []).append(i)
         for image_id, rows in by_image.items():
             image = self.load(image_id)
+            outside = [boxes[i].tolist() for i in rows if not box_inside(boxes[i], image.size)]
+            if outside:
+                raise DataError(f"box {outside[0]} lies outside image {image_id!r} ({image.width}x{image.height}): "
+                                "the images found are not the ones the store was scored on (a resized copy? "
+                                "images_root must point at the originals)")
             for i in rows:
                 out[i] = crop_patch(image, boxes[i], size)
         return out
+
+
+def box_inside(box: Sequence[int], size: tuple[int, int]) -> bool:
+    """Whether ``(x0, y0, x1, y1)`` (x1, y1 exclusive) is a non-empty box within an image of ``size`` (w, h)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return 0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from patchdd.formats.outputs import atomic_directory, exclusive_output
 from patchdd.formats.synthetic_folder import SyntheticFolderWriter
 from patchdd.methods.composition import layout_for
 from patchdd.methods.registry import SynthesisOptions
@@ -24,6 +24,9 @@ def distill(
 ) -> list[Path]:
     """Distil a score store into synthetic ImageFolders (PNG), one per IPC, with manifests and contact sheets.
 
+    Each ``ipc{N}`` folder is built beside its target and renamed into place when complete (an old one is removed
+    only then), and ``out`` is locked while it is written: a second run into the same ``out`` fails at once.
+
     Args:
         store: score store directory (written by the scoring pass).
         out: output directory; gets ``ipc{N}/`` per IPC and ``contact_sheets/ipc{N}/``.
@@ -35,23 +38,26 @@ def distill(
         progress: show a progress bar over classes.
     """
     targets = {n: Path(out) / f"ipc{n}" for n in ipc}
-    existing = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
-    if existing and not overwrite:
-        raise FileExistsError(f"output folders exist: {existing} (pass --overwrite true to replace them)")
-    index, images, mapping, selector = open_store(store, classes, synthesis)
-    layout = synthesis.layout
-    for n in targets:  # every IPC checked before the first is written
-        check_capacity(index, selector, mapping.folders, patch_count(n, layout), n)
-    for n, target in targets.items():
-        sheets = Path(out) / "contact_sheets" / f"ipc{n}"
-        for stale in (target, sheets):
-            shutil.rmtree(stale, ignore_errors=True)
-        grid = layout_for(n, layout).grid
-        writer = SyntheticFolderWriter(target, mapping, grid, sheets, title=f"IPC {n}, {selector.name}")
-        for label, class_images, picks in synthesize_classes(index, images, mapping, n, selector, layout, progress):
-            writer.add(label, class_images, picks)
-        writer.close({"ipc": n, "selector": selector.name, "store": str(Path(store).resolve()),
-                      "store_hash": index.content_hash, "layout": asdict(layout), "options": selector.options()})
-        print(f"wrote {target}: {writer.count} images ({len(mapping)} classes x {n}), "
-              f"{grid}x{grid} patches per {layout.output_size} px image")
+    with exclusive_output(out):
+        existing = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
+        if existing and not overwrite:
+            raise FileExistsError(f"output folders exist: {existing} (pass --overwrite true to replace them)")
+        index, images, mapping, selector = open_store(store, classes, synthesis)
+        layout = synthesis.layout
+        for n in targets:  # every IPC checked before the first is written
+            check_capacity(index, selector, mapping.folders, patch_count(n, layout), n)
+        for n, target in targets.items():
+            grid = layout_for(n, layout).grid
+            sheets = Path(out) / "contact_sheets" / f"ipc{n}"
+            with atomic_directory(target) as building, atomic_directory(sheets) as building_sheets:
+                writer = SyntheticFolderWriter(building, mapping, grid, building_sheets,
+                                               title=f"IPC {n}, {selector.name}")
+                for label, class_images, picks in synthesize_classes(index, images, mapping, n, selector, layout,
+                                                                     progress):
+                    writer.add(label, class_images, picks)
+                writer.close({"ipc": n, "selector": selector.name, "store": str(Path(store).resolve()),
+                              "store_hash": index.content_hash, "layout": asdict(layout),
+                              "options": selector.options()})
+            print(f"wrote {target}: {writer.count} images ({len(mapping)} classes x {n}), "
+                  f"{grid}x{grid} patches per {layout.output_size} px image")
     return list(targets.values())

@@ -1,0 +1,70 @@
+"""Outputs that are never half-written and never shared: a folder is built beside its target and renamed into
+place when complete; a lock file keeps a second run from writing into the same output at the same time."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from patchdd.errors import PatchDDError
+
+LOCK_FILE = ".patchdd.lock"
+
+
+class OutputBusyError(PatchDDError, RuntimeError):
+    """Another run holds the lock on this output."""
+
+
+@contextmanager
+def exclusive_output(directory: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``directory`` (created if missing) while inside; a second holder fails at once
+    with :class:`OutputBusyError` naming the process that holds it. The lock dies with its process."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOCK_FILE).open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise OutputBusyError(f"{directory} is being written by {holder}; wait for it or choose another "
+                                  "output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield directory
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``target`` to build into; on success it replaces ``target`` (an old
+    ``target`` is removed only then), on failure it is removed and ``target`` stays as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = target.with_name(f".{target.name}.building-{uuid.uuid4().hex[:8]}")
+    building.mkdir()
+    try:
+        yield building
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    replace_directory(building, target)
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``; an existing ``target`` is first renamed aside, then deleted."""
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
