@@ -15,7 +15,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from patchdd.data.sources import teacher_class_folders, teacher_output_positions
+from patchdd.data.sources import recorded_class_mapping, teacher_class_folders, teacher_output_positions
 from patchdd.lightning_modules.classifier import RealValidation
 from patchdd.training.augment import AugmentOptions, MixMode, augment_batch, mix_batch
 from patchdd.training.kd import RDED_TEMPERATURE, Schedule, kd_kl_loss, learning_rate_for, lr_factor
@@ -151,8 +151,14 @@ class FKDStudent(RealValidation, L.LightningModule):
         super().setup(stage)
 
     def _teacher_outputs(self, datamodule) -> tuple[int, list[int]] | None:
-        """(teacher's class count, position of each data class among its outputs), or None when they coincide."""
-        spec = self.hparams.teacher_classes or ("imagenet1k" if self.hparams.teacher_pretrained else None)
+        """(teacher's class count, position of each data class among its outputs), or None when they coincide.
+
+        The teacher's classes are ``teacher_classes``, else ImageNet-1K for a hub teacher, else the class mapping
+        its run recorded beside the checkpoint: a teacher trained on other classes is refused, whatever its count.
+        """
+        hp = self.hparams
+        spec = hp.teacher_classes or ("imagenet1k" if hp.teacher_pretrained
+                                      else recorded_class_mapping(hp.teacher_checkpoint))
         if spec is None or datamodule is None:
             return None
         data_folders = datamodule.class_mapping.folders

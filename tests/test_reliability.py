@@ -210,3 +210,34 @@ def test_boxes_outside_a_resized_copy_are_an_error_naming_the_image(small_store,
             image.resize((image.width // 2, image.height // 2)).save(target)
     with pytest.raises(DataError, match=r"lies outside image 'cls_a/img_\d+\.png' \(24x20\)"):
         distill_small(store, tmp_path / "out", images_root=str(resized))
+
+
+# ------------------------------------------------------------------------------------------ teachers
+def test_a_teacher_trained_on_other_classes_is_refused(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from patchdd.data.sources import ClassMapping
+    from patchdd.lightning_modules.student import FKDStudent
+    from patchdd.training.zoo import build_model
+
+    run = tmp_path / "teacher_run"  # the layout a teacher fit writes: RUN/class_mapping.json, RUN/checkpoints/
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save(build_model("convnet_d3", 2, image_size=16, width=8).state_dict(), run / "checkpoints" / "last.pt")
+    ClassMapping.for_folders(["cat", "dog"]).save(run / "class_mapping.json")
+    student = FKDStudent(teacher="convnet_d3", student="convnet_d3", teacher_checkpoint=str(run / "checkpoints" /
+                         "last.pt"), teacher_kwargs={"width": 8}, model_image_size=16, lr=1e-3)
+    other = SimpleNamespace(class_mapping=ClassMapping.for_folders(["ant", "bee"]))  # same count, other classes
+    with pytest.raises(DataError, match="2 of the data's classes are not among the teacher's 2"):
+        student._teacher_outputs(other)
+    same = SimpleNamespace(class_mapping=ClassMapping.for_folders(["cat", "dog"]))
+    assert student._teacher_outputs(same) is None  # its own classes: used as they are
+
+
+def test_rded_without_teacher_weights_is_refused() -> None:
+    from patchdd.data.sources import ClassMapping
+    from patchdd.methods.rded import RDEDOptions, TeacherScorer
+
+    with pytest.raises(ValueError, match="rded.checkpoint"):
+        TeacherScorer(RDEDOptions(teacher="convnet_d3"), ClassMapping.for_folders(["cat", "dog"]), 32)

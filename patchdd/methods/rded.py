@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from patchdd.data.pixels import normalize
-from patchdd.data.sources import IMAGENET_MEAN, IMAGENET_STD, ClassMapping, teacher_class_folders
+from patchdd.data.sources import (IMAGENET_MEAN, IMAGENET_STD, ClassMapping, recorded_class_mapping,
+                                  teacher_class_folders)
 from patchdd.errors import NotEnoughPatchesError
 from patchdd.methods.base import class_rng
 from patchdd.methods.composition import Layout, OriginalImages
@@ -72,7 +73,11 @@ class TeacherScorer:
 
     def __init__(self, options: RDEDOptions, store_classes: ClassMapping, output_size: int) -> None:
         self.options = options
-        folders = teacher_class_folders(options.teacher_classes, store_classes.folders)
+        if not (options.pretrained or options.checkpoint):
+            raise ValueError("the rded method ranks crops with a teacher: give it weights (rded.checkpoint=PATH or "
+                             "rded.pretrained=true); a random network's ranking is noise")
+        spec = options.teacher_classes or recorded_class_mapping(options.checkpoint)
+        folders = teacher_class_folders(spec, store_classes.folders)
         self.index = {folder: i for i, folder in enumerate(folders)}
         self.input_size = options.teacher_image_size or output_size
         self.device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else
