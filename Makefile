@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SETUP_LOG := $(VENV)/setup.log
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: setup test test-all demo toydata toy-prior clean
@@ -10,11 +11,13 @@ PYTEST_ARGS ?= -m "not slow"
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	@echo "setting up $(VENV) (log: $(SETUP_LOG)) ..."
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@( $(PY) -m pip install -q --upgrade pip && \
+	   $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 && \
+	   $(PY) -m pip install -q -e '.[dev]' ) > $(SETUP_LOG) 2>&1 || (tail -n 30 $(SETUP_LOG); exit 1)
+	@touch $(STAMP)
+	@echo "$(VENV) ready"
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

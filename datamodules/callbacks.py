@@ -1,9 +1,14 @@
-"""Trainer callbacks of the student protocol."""
+"""Trainer plug-ins: the student protocol's validation schedule, and a CSV logger whose metrics survive a resume."""
 
 from __future__ import annotations
 
+import csv
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from patchdd.training.kd import rded_validates
 
@@ -24,3 +29,26 @@ class RDEDValidationSchedule(Callback):
         validate = rded_validates(trainer.current_epoch, trainer.max_epochs, self.every, self.last_fraction)
         # The epoch loop validates when (epoch + 1) % check_val_every_n_epoch == 0.
         trainer.check_val_every_n_epoch = 1 if validate else trainer.max_epochs + 1
+
+
+class AppendingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued (its columns kept), not
+    deleted: what a run cut short logged stays in the file when it resumes."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``CSVLogger`` for a resumed fit (``--ckpt_path``): it appends to the run's ``metrics.csv`` (the plain one
+    deletes it), so the metrics of a cut and resumed run read as one run. Options: :class:`CSVLogger`'s."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -15,12 +15,12 @@ from typing import Literal
 import lightning as L
 import torch
 
-from patchdd.data.sources import recorded_class_mapping, teacher_class_folders, teacher_output_positions
+from patchdd.data.sources import teacher_class_folders, teacher_output_positions
 from patchdd.lightning_modules.classifier import RealValidation
 from patchdd.training.augment import AugmentOptions, MixMode, augment_batch, mix_batch
 from patchdd.training.kd import RDED_TEMPERATURE, Schedule, kd_kl_loss, learning_rate_for, lr_factor
 from patchdd.training.optim import accuracy_metrics, build_optimizer, weight_decay_groups
-from patchdd.training.zoo import OutputSubset, build_model
+from patchdd.training.zoo import OutputSubset, build_model, recorded_class_mapping
 
 # Checkpoints store the augmentation options among the hyper-parameters; let weights-only loading accept them.
 torch.serialization.add_safe_globals([AugmentOptions])

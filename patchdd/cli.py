@@ -17,6 +17,8 @@ import importlib.util
 import os
 import sys
 
+from patchdd.errors import one_line
+
 # The suite's own commands: name -> "module:function"; the function's signature and docstring define the options.
 COMMANDS = {
     "toydata": "patchdd.data.toy:write_toy_dataset",
@@ -61,12 +63,6 @@ def dispatch(args: list[str]) -> None:
         run_trainer_command(args)
     else:
         raise SystemExit(f"patchdd: unknown command {name!r}; `patchdd --help` lists the commands")
-
-
-def one_line(err: BaseException) -> str:
-    """``Type: message`` on one line (a multi-line message joined with ``; ``)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {'; '.join(lines)}" if lines else type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> None:

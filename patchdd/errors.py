@@ -7,6 +7,8 @@ built-in exception it used to be (``ValueError`` for bad input, ``RuntimeError``
 
 from __future__ import annotations
 
+UNION_ERROR = "Does not validate against any of the Union subtypes"
+
 
 class PatchDDError(Exception):
     """Base class of every error the suite raises on purpose."""
@@ -39,3 +41,20 @@ class WeightsUnavailableError(PatchDDError, RuntimeError):
 
 class CheckpointMismatchError(PatchDDError, ValueError):
     """A checkpoint whose tensors do not fit the architecture (or classes) it is loaded into."""
+
+
+def root_cause(message: str) -> str:
+    """The error a jsonargparse union failure buries: for an optional class option (``data``, ``model``) it
+    reports "Does not validate against any of the Union subtypes", the real error of the class (``data folder
+    does not exist: ...``) in its ``Errors:`` list beside the ``NoneType`` alternative's. Other messages pass."""
+    if UNION_ERROR not in message:
+        return message
+    errors = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
+    real = [e for e in errors if not e.startswith(("Expected a <class 'NoneType'>", "Problem with given class_path"))]
+    return real[0] if real else message.splitlines()[0]
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` on one line: a union failure unwrapped to its cause, a multi-line message joined by ``; ``."""
+    lines = [line.strip() for line in root_cause(str(err)).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {'; '.join(lines)}" if lines else type(err).__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,13 +38,14 @@ def base_config(tmp_path: Path) -> Path:
     return path
 
 
-def matrix_config(tmp_path: Path, base: Path) -> Path:
-    teacher = tmp_path / "teacher.pt"
+def matrix_config(tmp_path: Path, base: Path, epochs: int = 1) -> Path:
+    teacher, wrong = tmp_path / "teacher.pt", tmp_path / "convnet_d3.pt"
     torch.save(build_model("convnet_d2", len(CLASSES), image_size=SIZE, width=8).state_dict(), teacher)
+    torch.save(build_model("convnet_d3", len(CLASSES), image_size=SIZE, width=8).state_dict(), wrong)
     config = {
         "base": str(base),
         "teachers": [{"name": "convnet_d2", "checkpoint": str(teacher), "kwargs": {"width": 8}, "label": "T-good"},
-                     {"name": "convnet_d2", "checkpoint": str(tmp_path / "missing.pt"), "label": "T-missing"}],
+                     {"name": "convnet_d2", "checkpoint": str(wrong), "kwargs": {"width": 8}, "label": "T-wrong"}],
         "students": [{"name": "convnet_d1", "kwargs": {"width": 8}, "label": "S-d1"},
                      {"name": "convnet_d2", "kwargs": {"width": 8}, "label": "S-d2"}],
         "ipcs": [2],
@@ -51,19 +53,19 @@ def matrix_config(tmp_path: Path, base: Path) -> Path:
         "seeds": [0],
         "num_classes": len(CLASSES),
         "synthetic_dir": str(tmp_path / "syn" / "ipc{ipc}"),
-        "overrides": {"trainer.max_epochs": 1},
+        "overrides": {"trainer.max_epochs": epochs},
     }
     path = tmp_path / "matrix.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def run_matrix(config: Path, out: Path, launcher: str) -> str:
+def run_matrix(config: Path, out: Path, launcher: str, returncode: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(REPO / "cli.py"), "matrix", "-c", str(config), "--out", str(out),
                              "--launcher", launcher],
                             capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    assert result.returncode == returncode, result.stdout + result.stderr
+    return result
 
 
 def check_matrix_run(tmp_path: Path, launcher: str) -> None:
@@ -72,8 +74,9 @@ def check_matrix_run(tmp_path: Path, launcher: str) -> None:
     config = matrix_config(tmp_path, base_config(tmp_path))
     out = tmp_path / "out"
 
-    first = run_matrix(config, out, launcher)
-    assert "cell 1/4: T-good x S-d1 seed 0 (IPC 2, random)" in first
+    first = run_matrix(config, out, launcher, returncode=1)  # failed cells: the matrix exits non-zero ...
+    assert "cell 1/4: T-good x S-d1 seed 0 (IPC 2, random)" in first.stdout
+    assert "error: CellsFailedError: 2 of 4 cells failed" in first.stderr  # ... in one line, tables written
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 4
     status = {(r["teacher"], r["student"]): r for r in rows}
@@ -81,16 +84,23 @@ def check_matrix_run(tmp_path: Path, launcher: str) -> None:
         good = status["T-good", student]
         assert good["status"] == "done" and 0 <= float(good["final_top1"]) <= 1 and good["best_top1"]
         assert (Path(good["log_dir"]) / "summary.json").is_file()
-        bad = status["T-missing", student]
-        assert bad["status"] == "failed" and "missing.pt" in bad["error"]
+        bad = status["T-wrong", student]
+        assert bad["status"] == "failed" and "CheckpointMismatchError" in bad["error"]
     table = (out / "matrix.md").read_text()
-    assert "| T-missing | failed | failed |" in table and "IPC 2, selector random" in table
+    assert "| T-wrong | failed | failed |" in table and "IPC 2, selector random" in table
     assert (out / "matrix.png").stat().st_size > 1000
 
-    second = run_matrix(config, out, launcher)
+    second = run_matrix(config, out, launcher, returncode=1).stdout
     assert "2/4 cells finished before, skipped" in second
-    assert "cell 3/4: T-missing x S-d1 seed 0 (IPC 2, random)" in second  # failed cells are tried again
+    assert "cell 3/4: T-wrong x S-d1 seed 0 (IPC 2, random)" in second  # failed cells are tried again
     assert [r["final_top1"] for r in csv.DictReader((out / "results.csv").open())] == [r["final_top1"] for r in rows]
+
+    changed = matrix_config(tmp_path, base_config(tmp_path), epochs=2)  # a changed config: no stale reuse
+    third = run_matrix(changed, out, launcher, returncode=1).stdout
+    assert "finished before" not in third and "4 cell(s) had run with another config" in third
+    good = out / "ipc2" / "random" / "T-good__S-d1"
+    assert json.loads((good / "seed0" / "summary.json").read_text())["epochs"] == 2
+    assert len(list(good.glob("seed0.stale-*"))) == 1  # the 1-epoch result is kept beside, not mixed in
 
 
 def test_matrix_through_cli_records_failures_and_skips_finished_cells(tmp_path):
@@ -100,8 +110,20 @@ def test_matrix_through_cli_records_failures_and_skips_finished_cells(tmp_path):
 @pytest.mark.slow
 def test_matrix_subprocess_cells(tmp_path):
     check_matrix_run(tmp_path, "subprocess")
-    log = (tmp_path / "out" / "ipc2" / "random" / "T-missing__S-d1" / "seed0" / "log.txt").read_text()
-    assert "FileNotFoundError" in log
+    log = (tmp_path / "out" / "ipc2" / "random" / "T-wrong__S-d1" / "seed0" / "log.txt").read_text()
+    assert "CheckpointMismatchError" in log
+
+
+def test_missing_prerequisites_are_named_before_any_cell(tmp_path):
+    write_real_folder(tmp_path / "real", per_class=2, seed=0)  # the synthetic set is not made
+    config = matrix_config(tmp_path, base_config(tmp_path))
+    (tmp_path / "teacher.pt").unlink()
+    result = run_matrix(config, tmp_path / "out", "inline", returncode=1)
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "the matrix needs what is missing" in lines[0]
+    assert f"teacher checkpoint {tmp_path / 'teacher.pt'}" in lines[0]
+    assert f"synthetic set {tmp_path / 'syn' / 'ipc2'}" in lines[0]
+    assert not (tmp_path / "out" / "ipc2").exists()  # no cell started
 
 
 def fake_rows() -> list[dict]:

@@ -241,3 +241,107 @@ def test_rded_without_teacher_weights_is_refused() -> None:
 
     with pytest.raises(ValueError, match="rded.checkpoint"):
         TeacherScorer(RDEDOptions(teacher="convnet_d3"), ClassMapping.for_folders(["cat", "dog"]), 32)
+
+
+# ------------------------------------------------------------------------------------------ fit resume
+REPO = Path(__file__).resolve().parents[1]
+EVERY_STEP = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+              '"init_args": {"every_n_train_steps": 1, "save_last": true}}]')
+EVERY_EPOCH = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+               '"init_args": {"save_top_k": 1, "save_last": "link", "save_on_train_epoch_end": true}}]')
+
+
+def fit_then_resume(args: list[str], root: Path, first: list[str], second: list[str]) -> dict:
+    """Fit with ``first`` (a run cut short), then ``--ckpt_path last`` with ``second``: the resumed run's
+    last checkpoint, after checking that it continued in the same run folder."""
+    import torch
+
+    from patchdd import cli
+
+    common = ["fit", *args, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+    cli.main([*common, *first])
+    cli.main([*common, *second, "--ckpt_path", "last"])
+    assert [p.name for p in (root / "lightning_logs").iterdir()] == ["version_0"]  # no new version_1
+    return torch.load(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def validated_epochs(root: Path) -> list[int]:
+    import csv
+
+    with (root / "lightning_logs" / "version_0" / "metrics.csv").open() as fh:
+        return [int(row["epoch"]) for row in csv.DictReader(fh) if row.get("val/top1")]
+
+
+def test_teacher_fit_resumes_with_ckpt_path_last_and_keeps_best_and_last_apart(toy_root, tmp_path) -> None:
+    args = ["-c", str(REPO / "configs/teacher/toy_convnet.yaml"), "--data.root", str(toy_root),
+            "--data.num_workers", "0", "--trainer.limit_train_batches", "2"]
+    last = fit_then_resume(args, tmp_path, ["--trainer.max_epochs", "2"], ["--trainer.max_epochs", "3"])
+    assert last["epoch"] == 2  # last.ckpt is the last epoch, whatever the best one was
+    assert validated_epochs(tmp_path) == [0, 1, 2]  # the resumed run's metrics continue the cut run's
+    best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+    import torch
+
+    assert best.is_file() and "val/top1" in str(torch.load(best, weights_only=False)["callbacks"])
+
+
+def test_prior_fit_resumes_with_ckpt_path_last(toy_root, tmp_path) -> None:
+    args = ["-c", str(REPO / "configs/prior/toy.yaml"), "--data.root", str(toy_root), "--data.batch_size", "6",
+            "--data.num_workers", "0", "--model.vae_steps", "1", "--model.warmup_steps", "1",
+            "--trainer.limit_val_batches", "0", "--model.export_dir", str(tmp_path / "export"),
+            "--trainer.callbacks", EVERY_STEP]
+    last = fit_then_resume(args, tmp_path / "logs", ["--trainer.max_steps", "2"], ["--trainer.max_steps", "4"])
+    assert last["global_step"] == 4
+
+
+def test_student_fit_resumes_with_ckpt_path_last(tmp_path) -> None:
+    import torch
+
+    from patchdd.training.zoo import build_model
+    from student_helpers import CLASSES, SIZE, write_real_folder, write_synthetic_export
+    from test_matrix import base_config
+
+    write_real_folder(tmp_path / "real", per_class=2, seed=0)
+    write_synthetic_export(tmp_path / "syn" / "ipc2", ipc=2)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(build_model("convnet_d2", len(CLASSES), image_size=SIZE, width=8).state_dict(), teacher)
+    args = ["-c", str(base_config(tmp_path)), "--model.teacher", "convnet_d2", "--model.teacher_checkpoint",
+            str(teacher), "--model.teacher_kwargs", '{"width": 8}', "--model.student", "convnet_d1",
+            "--model.student_kwargs", '{"width": 8}', "--trainer.callbacks", EVERY_EPOCH, "--trainer.logger", "null"]
+    last = fit_then_resume(args[:-2], tmp_path / "run", ["--trainer.max_epochs", "1"], ["--trainer.max_epochs", "2"])
+    assert last["epoch"] == 1
+    assert validated_epochs(tmp_path / "run") == [0, 1]
+
+
+def test_ckpt_path_last_with_nothing_to_resume_says_so(toy_root, tmp_path, capsys) -> None:
+    from patchdd import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "-c", str(REPO / "configs/teacher/toy_convnet.yaml"), "--data.root", str(toy_root),
+                  "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"])
+    assert f"nothing to resume: no lightning_logs/version_*/checkpoints/last.ckpt under {tmp_path}" in \
+        capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ clear errors
+def test_a_config_error_inside_a_union_is_unwrapped_to_its_cause(tmp_path, capsys) -> None:
+    """jsonargparse reports a failing data module as "Does not validate against any of the Union subtypes";
+    the command line says what failed instead."""
+    from patchdd import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "-c", str(REPO / "configs/student/rded_defaults.yaml"), "-c",
+                  str(REPO / "configs/student/toy.yaml"), "--data.synthetic_dir", str(tmp_path / "nowhere"),
+                  "--trainer.default_root_dir", str(tmp_path)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and f"data folder does not exist: {tmp_path / 'nowhere'}" in lines[0]
+    assert "Union" not in lines[0]
+
+
+def test_a_misspelled_local_prior_folder_is_not_called_a_hub_id(tmp_path) -> None:
+    from patchdd.errors import PriorUnavailableError
+    from patchdd.priors.sd import load_prior
+
+    with pytest.raises(PriorUnavailableError, match="'runs/prior/toi': no such folder"):
+        load_prior("runs/prior/toi")
+    with pytest.raises(PriorUnavailableError, match="the hub id 'nobody/no-prior'"):
+        load_prior("nobody/no-prior")

@@ -277,18 +277,6 @@ def teacher_class_folders(spec: str | None, data_folders: Sequence[str]) -> list
     return list(ClassMapping.load(spec).folders)
 
 
-def recorded_class_mapping(checkpoint: str | Path | None) -> str | None:
-    """The ``class_mapping.json`` a teacher run wrote beside its checkpoint (``RUN/checkpoints/x.ckpt`` ->
-    ``RUN/class_mapping.json``, or the checkpoint's own folder), so that a teacher trained on other classes is
-    caught; None when there is none (a hub model, a bare state dict)."""
-    if checkpoint is None:
-        return None
-    path = Path(checkpoint)
-    found = [folder / CLASS_MAPPING_FILE for folder in (path.parent, path.parent.parent)
-             if (folder / CLASS_MAPPING_FILE).is_file()]
-    return str(found[0]) if found else None
-
-
 def teacher_output_positions(teacher_folders: Sequence[str], data_folders: Sequence[str]) -> list[int]:
     """Position of each data class among a teacher's outputs; an error names the classes the teacher lacks."""
     position = {folder: i for i, folder in enumerate(teacher_folders)}

@@ -17,15 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from patchdd.data.pixels import normalize
-from patchdd.data.sources import (IMAGENET_MEAN, IMAGENET_STD, ClassMapping, recorded_class_mapping,
-                                  teacher_class_folders)
+from patchdd.data.sources import IMAGENET_MEAN, IMAGENET_STD, ClassMapping, teacher_class_folders
 from patchdd.errors import NotEnoughPatchesError
 from patchdd.methods.base import class_rng
 from patchdd.methods.composition import Layout, OriginalImages
 from patchdd.methods.selection import Picks
 from patchdd.methods.store_index import StoreIndex
 from patchdd.training.augment import sample_crop_boxes
-from patchdd.training.zoo import build_model
+from patchdd.training.zoo import build_model, recorded_class_mapping
 
 if TYPE_CHECKING:
     from patchdd.methods.registry import SynthesisOptions

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from patchdd.data.sources import CLASS_MAPPING_FILE
 from patchdd.errors import CheckpointMismatchError, WeightsUnavailableError
 
 TORCHVISION_PREFIX = "tv:"
@@ -147,11 +148,46 @@ def _offline_message(name: str, hub: str, err: Exception) -> str:
             f"with pretrained=False")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` state dict or a Lightning ``.ckpt``."""
+def find_run_checkpoint(root: str | Path, name: str = "best.ckpt") -> Path | None:
+    """``root/lightning_logs/version_N/checkpoints/<name>`` of the highest N that has one (None: no such run)."""
+    found = [(int(p.parents[1].name.removeprefix("version_")), p)
+             for p in Path(root).glob(f"lightning_logs/version_*/checkpoints/{name}")
+             if p.parents[1].name.removeprefix("version_").isdigit()]
+    return max(found)[1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or for a fit's run folder (``trainer.default_root_dir``) the ``best.ckpt`` of
+    its newest run, so that configs never name a ``version_N``."""
     path = Path(path)
+    if path.is_dir():
+        found = find_run_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint under {path}: expected lightning_logs/version_N/checkpoints/"
+                                    "best.ckpt of a teacher fit (train one there first, e.g. `patchdd fit -c "
+                                    "configs/teacher/toy_convnet.yaml`)")
+        return found
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def recorded_class_mapping(checkpoint: str | Path | None) -> str | None:
+    """The ``class_mapping.json`` a teacher run wrote beside its checkpoint (``RUN/checkpoints/x.ckpt`` ->
+    ``RUN/class_mapping.json``, or the checkpoint's own folder), so that a teacher trained on other classes is
+    caught; None when there is none (a hub model, a bare state dict)."""
+    if checkpoint is None:
+        return None
+    path = resolve_checkpoint(checkpoint)
+    found = [folder / CLASS_MAPPING_FILE for folder in (path.parent, path.parent.parent)
+             if (folder / CLASS_MAPPING_FILE).is_file()]
+    return str(found[0]) if found else None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` state dict or a Lightning ``.ckpt`` (or of
+    the newest ``best.ckpt`` of a run folder)."""
+    path = resolve_checkpoint(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from patchdd.data.toy import BOXES_FILE, box_overlap, load_boxes, write_toy_dataset
 from patchdd.formats.synthetic_folder import INFO_FILE, TILES_FILE, read_synthetic_folder
+from patchdd.training.zoo import find_run_checkpoint
 from patchdd.workflows.console import output_to
 from patchdd.workflows.distill import distill
 from patchdd.workflows.invoke import packaged_path, run_function, run_trainer_command
@@ -46,19 +47,13 @@ def _stage(name: str, done: bool, action: Callable[[], None], log_file: Path | N
     print(f"[demo] {name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """``last.ckpt`` of the newest ``lightning_logs/version_N`` under ``root``."""
-    found = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
-def last_validation_top1(run_dir: Path) -> float:
-    """The last ``val/top1`` a Lightning CSV log holds."""
+def best_validation_top1(run_dir: Path) -> float:
+    """The best ``val/top1`` a Lightning CSV log holds (the accuracy of its ``best.ckpt``)."""
     with (run_dir / "metrics.csv").open() as fh:
         values = [float(row["val/top1"]) for row in csv.DictReader(fh) if row.get("val/top1")]
     if not values:
         raise ValueError(f"no val/top1 in {run_dir / 'metrics.csv'}")
-    return values[-1]
+    return max(values)
 
 
 def localisation_rate(tiles_file: Path, boxes: dict[str, list[int]], split: str, threshold: float) -> float:
@@ -106,7 +101,8 @@ def results_markdown(accuracy: dict, localisation: dict, full_data: float, selec
                  + " |" + " — |" * len(ipcs))
     notes = (f"\nStudent: final top-1 on the real toy validation split, mean ± std over {seeds} seeds. "
              "Localisation: share of selected patches that contain at least half of their image's object "
-             "(ground-truth boxes). Full data: the ConvNet-D3 teacher itself, trained with cross-entropy on "
+             "(ground-truth boxes). Full data: the ConvNet-D3 teacher itself (its best epoch, the checkpoint that "
+             "teaches the students), trained with cross-entropy on "
              "all training images (one run).\n")
     return "\n".join(lines) + "\n" + notes
 
@@ -185,10 +181,10 @@ def demo(
 
     _stage("toy data", (data_dir / BOXES_FILE).is_file(), lambda: write_toy_dataset(str(data_dir)),
            logs / "toydata.log")
-    _stage("teacher", latest_checkpoint(teacher_dir) is not None, lambda: run_trainer_command(
+    _stage("teacher", find_run_checkpoint(teacher_dir) is not None, lambda: run_trainer_command(
         ["fit", "-c", teacher_config, "--data.root", str(data_dir), "--trainer.default_root_dir", str(teacher_dir),
          "--trainer.enable_progress_bar", "false"]), logs / "teacher.log")
-    teacher_checkpoint = latest_checkpoint(teacher_dir)
+    teacher_checkpoint = find_run_checkpoint(teacher_dir)
     _stage("diffusion prior", (prior_dir / "unet").is_dir(), lambda: run_trainer_command(
         ["fit", "-c", prior_config, "--data.root", str(data_dir), "--model.export_dir", str(prior_dir),
          "--trainer.default_root_dir", str(out_dir / "prior_logs"), "--trainer.enable_progress_bar", "false"]),
@@ -217,7 +213,7 @@ def demo(
     localisation = {(s, i): localisation_rate(syn_root / s / f"ipc{i}" / TILES_FILE, boxes, "train",
                                               localisation_threshold) for s in selectors for i in ipcs}
     accuracy = accuracy_by_cell(out_dir / "students" / "results.csv")
-    full_data = last_validation_top1(teacher_checkpoint.parents[1])
+    full_data = best_validation_top1(teacher_checkpoint.parents[1])
     table = results_markdown(accuracy, localisation, full_data, selectors, ipcs, len(seeds))
     (out_dir / "results.md").write_text(f"# Toy demo results\n\n{table}")
     results_chart(accuracy, localisation, full_data, selectors, ipcs, out_dir / "results.png")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from patchdd.datamodules.score_writer import ScoreStoreWriter
+from patchdd.training.zoo import find_run_checkpoint
 
 
 class PatchDDCLI(LightningCLI):
@@ -21,3 +24,20 @@ class PatchDDCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ScoreStoreWriter, "store")
+
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path last`` with the default logger resumes the newest run of ``default_root_dir`` in its own
+        ``lightning_logs/version_N`` (its ``metrics.csv`` continued), instead of starting ``version_N+1``."""
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is None or config.get("ckpt_path") != "last" or config.trainer.logger not in (None, True):
+            return
+        root = Path(config.trainer.default_root_dir or ".")
+        last = find_run_checkpoint(root, "last.ckpt")
+        if last is None:
+            raise FileNotFoundError(f"nothing to resume: no lightning_logs/version_*/checkpoints/last.ckpt under "
+                                    f"{root} (drop --ckpt_path to start a new run)")
+        config.ckpt_path = str(last)
+        version = int(last.parents[1].name.removeprefix("version_"))
+        config.trainer.logger = Namespace(class_path="patchdd.datamodules.callbacks.ResumableCSVLogger",
+                                          init_args=Namespace(save_dir=str(root), name="lightning_logs",
+                                                              version=version))

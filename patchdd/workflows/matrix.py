@@ -12,6 +12,7 @@ column in bold, like the paper's Table 4) and ``matrix.png`` (annotated heatmaps
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import queue
@@ -29,11 +30,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-
 from tqdm.auto import tqdm
 
+from patchdd.errors import PatchDDError, one_line
 from patchdd.lightning_modules.student import SUMMARY_FILE
 from patchdd.training.kd import rded_batch_size
+from patchdd.training.zoo import find_run_checkpoint
 from patchdd.workflows.console import output_to
 from patchdd.workflows.invoke import packaged_path, run_trainer_command
 
@@ -41,6 +43,8 @@ RESULT_COLUMNS = ["teacher", "student", "ipc", "selector", "seed", "final_top1",
                   "best_epoch", "status", "error", "seconds", "log_dir"]
 Metric = Literal["final_top1", "best_top1"]
 Launcher = Literal["subprocess", "inline"]
+IDENTITY_FILE = "cell.json"  # the hash of the config a cell ran with
+RESUMABLE_LOGGER = "patchdd.datamodules.callbacks.ResumableCSVLogger"  # a resumed cell appends to metrics.csv
 
 
 @dataclass
@@ -138,9 +142,11 @@ def read_summary(directory: Path) -> dict | None:
 
 
 def error_line(log_file: Path) -> str:
-    """The last line of a failed run's log that names an exception (else its last line)."""
+    """The error of a failed run's log: the command line's one-line error, else the last line that names an
+    exception, else the last line."""
     lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    reported = [line.partition(" error: ")[2] for line in lines if line.startswith("patchdd ") and " error: " in line]
+    errors = reported or [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
     return (errors or lines or ["no output"])[-1][:500]
 
 
@@ -184,7 +190,7 @@ def run_inline(args: list[str], log_file: Path) -> str | None:
     except SystemExit as exit_:  # jsonargparse exits on a bad option
         return None if exit_.code in (0, None) else f"SystemExit: {exit_.code} (bad option? see {log_file})"
     except Exception as err:  # a failed cell is recorded, the matrix goes on
-        return f"{type(err).__name__}: {err}"[:500]
+        return one_line(err)[:500]
     return None
 
 
@@ -405,12 +411,21 @@ def matrix(
     missing = [path for path in bases if not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(f"base config(s) not found: {missing} (relative paths start at {Path.cwd()})")
+    check_prerequisites(teachers, ipcs, selectors, synthetic_dir)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(out_dir, teachers, students, ipcs, selectors, seeds)
+    devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
+    settings = [cell_overrides(cell, cell_batch_size(batch_size, cell.ipc, num_classes), synthetic_dir, devices,
+                               overrides) for cell in cells]
+    identities = [cell_identity(bases, values) for values in settings]
     rows: list[dict | None] = [None] * len(cells)
     pending: queue.Queue = queue.Queue()
+    stale = 0
     for index, cell in enumerate(cells):
+        if cell.directory.exists() and read_identity(cell.directory) != identities[index]:
+            set_aside(cell.directory)  # run with another config: kept beside, never mixed in
+            stale += 1
         summary = read_summary(cell.directory)
         if summary is not None:
             rows[index] = result_row(cell, {"status": "done", "error": "", **summary})
@@ -418,8 +433,9 @@ def matrix(
             pending.put(index)
     if pending.qsize() < len(cells):
         print(f"{len(cells) - pending.qsize()}/{len(cells)} cells finished before, skipped", flush=True)
+    if stale:
+        print(f"{stale} cell(s) had run with another config: set aside as <cell>.stale-*, rerun", flush=True)
     progress = tqdm(total=pending.qsize(), desc="cells", unit="cell", disable=None, leave=False)
-    devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
 
     def worker(slot: list[int] | None) -> None:
         while True:
@@ -429,11 +445,13 @@ def matrix(
                 return
             cell = cells[index]
             where = f" on GPU {','.join(map(str, slot))}" if slot else ""
-            size = cell_batch_size(batch_size, cell.ipc, num_classes)
-            values = cell_overrides(cell, size, synthetic_dir, devices, overrides)
             last = cell.directory / "checkpoints" / "last.ckpt"
-            args = fit_arguments(bases, values, last if last.is_file() else None)
-            outcome = run_cell(cell, args, slot, launcher)
+            resume = last.is_file()
+            values = settings[index]
+            if resume:  # the cut run's metrics.csv is continued, not replaced
+                values = values | {"trainer.logger": values["trainer.logger"] | {"class_path": RESUMABLE_LOGGER}}
+            write_identity(cell.directory, identities[index])
+            outcome = run_cell(cell, fit_arguments(bases, values, last if resume else None), slot, launcher)
             rows[index] = result_row(cell, outcome)
             progress.write(f"cell {index + 1}/{len(cells)}: {cell.describe()}{where}: {describe_outcome(outcome)}")
             progress.update()
@@ -449,4 +467,54 @@ def matrix(
     write_heatmap(out_dir / "matrix.png", finished, teacher_names, student_names, heatmap_metric, title)
     failed = sum(row["status"] == "failed" for row in finished)
     print(f"{len(finished) - failed}/{len(cells)} cells finished, {failed} failed; results in {out_dir}", flush=True)
+    if failed:
+        raise CellsFailedError(f"{failed} of {len(cells)} cells failed (errors in {out_dir / 'results.csv'}; "
+                               "the tables hold the others)")
     return out_dir
+
+
+class CellsFailedError(PatchDDError, RuntimeError):
+    """Some cells of a matrix failed (the others finished; the tables are written)."""
+
+
+def check_prerequisites(teachers: list[TeacherSpec], ipcs: list[int], selectors: list[str],
+                        synthetic_dir: str | None) -> None:
+    """Name every missing input in one error before any cell starts: teacher checkpoints and exported sets."""
+    missing = [f"teacher checkpoint {t.checkpoint} (train one: patchdd fit -c configs/teacher/...)"
+               for t in teachers if t.checkpoint and not has_checkpoint(t.checkpoint)]
+    if synthetic_dir is not None:
+        sets = sorted({synthetic_dir.format(ipc=i, selector=s) for i in ipcs for s in selectors})
+        missing += [f"synthetic set {path} (make it: patchdd distill ... --out {Path(path).parent}; the toy sets: "
+                    "make demo writes runs/demo/syn/<selector>/ipc<N>)" for path in sets if not Path(path).is_dir()]
+    if missing:
+        raise FileNotFoundError("the matrix needs what is missing: " + "; ".join(missing)
+                                + " (the toy configs read what `make demo` writes: run it first)")
+
+
+def has_checkpoint(path: str) -> bool:
+    """A checkpoint file, or a run folder with a ``best.ckpt`` (see :func:`patchdd.training.zoo.resolve_checkpoint`)."""
+    return Path(path).is_file() or find_run_checkpoint(path) is not None
+
+
+def cell_identity(bases: list[str], values: dict) -> str:
+    """A hash of what decides a cell's result: the base config files' text and the cell's overrides."""
+    digest = hashlib.sha256()
+    for path in bases:
+        digest.update(Path(path).read_bytes())
+    digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def read_identity(directory: Path) -> str | None:
+    path = directory / IDENTITY_FILE
+    return json.loads(path.read_text()).get("identity") if path.is_file() else None
+
+
+def write_identity(directory: Path, identity: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / IDENTITY_FILE).write_text(json.dumps({"identity": identity}) + "\n")
+
+
+def set_aside(directory: Path) -> None:
+    """Rename a cell folder that ran with another config to ``<folder>.stale-<its identity>``."""
+    os.replace(directory, directory.with_name(f"{directory.name}.stale-{read_identity(directory) or 'unknown'}"))
