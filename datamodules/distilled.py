@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -19,6 +20,7 @@ from patchdd.methods.selection import Picks
 from patchdd.methods.store_index import check_settings
 from patchdd.methods.synthesis import subset_mapping, synthetic_set
 from patchdd.training.augment import AugmentOptions, per_sample_transform
+from patchdd.training.kd import rded_batch_size
 
 
 class DistilledDataModule(L.LightningDataModule):
@@ -39,7 +41,9 @@ class DistilledDataModule(L.LightningDataModule):
         synthesis: how the set is made from the store: the method (``selector``), layout, clustering, RDED's
             teacher, seed (:class:`~patchdd.methods.registry.SynthesisOptions`).
         real: the real data module whose validation split evaluates the student (its ``classes`` is set here).
-        batch_size: training batch size.
+        batch_size: training batch size, or ``rded``: RDED's rule from the IPC and the class count (10 / 50 / 100
+            from IPC 1 / 10 / 50, doubled for 100+ classes, at most IPC x classes), the one rule ``fit`` and
+            ``matrix`` share.
         num_workers: loader worker processes.
         augment_in_workers: augment per sample in the loader workers (the CPU path) instead of on the device.
         augment: the per-sample augmentation for ``augment_in_workers`` (give it the student's values).
@@ -56,7 +60,7 @@ class DistilledDataModule(L.LightningDataModule):
         ipc: int = 10,
         synthesis: SynthesisOptions = SynthesisOptions(),
         real: RealDataModule | None = None,
-        batch_size: int = 100,
+        batch_size: int | Literal["rded"] = "rded",
         num_workers: int = 0,
         augment_in_workers: bool = False,
         augment: AugmentOptions = AugmentOptions(),
@@ -73,6 +77,8 @@ class DistilledDataModule(L.LightningDataModule):
         self.augment_in_workers, self.augment = augment_in_workers, augment
         self.folder_grid, self.folder_image_size = folder_grid, folder_image_size
         self.class_mapping = subset_mapping(self._available_classes(), classes)
+        if batch_size == "rded":
+            self.batch_size = rded_batch_size(ipc, len(self.class_mapping))
         self.real = real
         if real is not None:
             _attach_real(real, self.class_mapping)

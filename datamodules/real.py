@@ -40,7 +40,8 @@ class RealDataModule(L.LightningDataModule):
 
     Args:
         image_size: side of the training crops and of the evaluation centre crop.
-        eval_resize: evaluation resize of the short side before the centre crop (default ``image_size * 256/224``).
+        eval_resize: evaluation resize of the short side before the centre crop (default RDED's ``image_size // 7 * 8``:
+            256 at 224 px, 144 at 128 px, 72 at 64 px).
         train_scale: area range of the training ``RandomResizedCrop``.
         mean: per-channel normalisation mean (ImageNet's by default).
         std: per-channel normalisation std (ImageNet's by default).
@@ -62,7 +63,7 @@ class RealDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.image_size = image_size
-        self.eval_resize = eval_resize or round(image_size * 256 / 224)
+        self.eval_resize = eval_resize or image_size // 7 * 8  # RDED: Resize(s // 7 * 8) -> CenterCrop(s)
         self.train_scale = tuple(train_scale)
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size = batch_size

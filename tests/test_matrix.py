@@ -51,7 +51,6 @@ def matrix_config(tmp_path: Path, base: Path, epochs: int = 1) -> Path:
         "ipcs": [2],
         "selectors": ["random"],
         "seeds": [0],
-        "num_classes": len(CLASSES),
         "synthetic_dir": str(tmp_path / "syn" / "ipc{ipc}"),
         "overrides": {"trainer.max_epochs": epochs},
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from itertools import permutations
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -32,8 +33,9 @@ from patchdd.datamodules.callbacks import RDEDValidationSchedule
 from patchdd.lightning_modules.student import FKDStudent
 from patchdd.training.kd import kd_kl_loss, learning_rate_for, lr_factor, rded_batch_size, rded_validates
 from patchdd.training.optim import weight_decay_groups
-from student_helpers import SIZE, SquaresData, train_teacher
+from student_helpers import CLASSES, SIZE, SquaresData, train_teacher
 
+REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
@@ -130,12 +132,24 @@ def test_cpu_and_device_paths_give_the_same_crop_sizes():
     side, out = 200, 50
     columns = torch.arange(side, dtype=torch.float32).expand(3, side, side)
     image = (columns * 255 / (side - 1)).round().to(torch.uint8)
-    options = AugmentOptions(image_size=out, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), flip=False)
+    options = AugmentOptions(image_size=out, scale=(0.3, 1.0), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), flip=False)
     cpu = per_sample_transform(1, options)
     spans_cpu = [float(x[0, 0, -1] - x[0, 0, 0]) for x in (cpu(image) for _ in range(1500))]
     device = augment_batch(image.expand(1500, -1, -1, -1).contiguous(), 1, options)
     spans_device = (device[:, 0, 0, -1] - device[:, 0, 0, 0]).tolist()
     assert ks_2samp(spans_cpu, spans_device).pvalue > 1e-3
+
+
+def test_crop_scale_follows_the_composition_factor_unless_given():
+    from patchdd.training.augment import crop_scale
+
+    assert crop_scale(AugmentOptions(), 2) == (0.5, 1.0)  # RDED: (1 / factor, 1) for 2x2 sets
+    assert crop_scale(AugmentOptions(), 1) == (1.0, 1.0)  # one patch per image
+    assert crop_scale(AugmentOptions(scale=(0.08, 1.0)), 2) == (0.08, 1.0)
+    image = torch.arange(64 * 64, dtype=torch.float32).view(1, 1, 64, 64).expand(200, 3, 64, 64).contiguous()
+    crops = augment_batch((image % 256).to(torch.uint8), 2, AugmentOptions(image_size=32, flip=False,
+                                                                             shuffle="tiles"))
+    assert crops.shape == (200, 3, 32, 32)
 
 
 def test_resized_crops_interpolate_like_torch_inside_the_crop():
@@ -261,3 +275,52 @@ def test_a_1000_class_teacher_is_cut_to_the_data_classes(tmp_path):
     assert FKDStudent(**{**options, "teacher_classes": None})._teacher_outputs(data) is None  # the data's own classes
     with pytest.raises(ValueError, match="1000 ImageNet outputs, not 2"):  # never a silent new head on hub weights
         FKDStudent(**{**options, "teacher_checkpoint": None, "teacher_pretrained": True, "num_classes": 2})
+
+
+def test_one_batch_size_rule_for_fit_and_matrix(tmp_path):
+    """``batch_size: rded`` is applied by the data module from the IPC and the class count (RDED's rule)."""
+    from patchdd.datamodules.distilled import DistilledDataModule
+    from student_helpers import write_synthetic_export
+
+    write_synthetic_export(tmp_path / "ipc2", ipc=2)
+    module = DistilledDataModule(synthetic_dir=str(tmp_path / "ipc2"), ipc=2)
+    assert module.batch_size == rded_batch_size(2, len(CLASSES)) == min(10, 2 * len(CLASSES))
+    assert DistilledDataModule(synthetic_dir=str(tmp_path / "ipc2"), batch_size=7).batch_size == 7
+    assert rded_batch_size(10, 1000) == 100 and rded_batch_size(50, 1000) == 200  # ImageNet-1K: not 200 at IPC 10
+
+
+def test_convnet_norm_option():
+    from patchdd.training.zoo import build_model
+
+    norms = {norm: {type(m).__name__ for m in build_model("convnet_d3", 10, image_size=32, width=8, norm=norm)
+                    .modules()} for norm in ("instance", "batch", "none")}
+    assert "GroupNorm" in norms["instance"] and "BatchNorm2d" not in norms["instance"]
+    assert "BatchNorm2d" in norms["batch"] and "GroupNorm" not in norms["batch"]
+    assert not {"GroupNorm", "BatchNorm2d"} & norms["none"]
+    with pytest.raises(ValueError, match="unknown ConvNet norm"):
+        build_model("convnet_d3", 10, image_size=32, norm="layer")
+
+
+def test_rded_validation_resize_rule(imagefolder_root):
+    from patchdd.datamodules.real import ImageFolderDataModule
+
+    sizes = {s: ImageFolderDataModule(str(imagefolder_root), image_size=s).eval_resize for s in (224, 128, 64)}
+    assert sizes == {224: 256, 128: 144, 64: 72}
+
+
+def test_cifar_presets_stack_into_rdeds_cifar100_special_case():
+    import subprocess
+    import sys
+
+    import yaml
+
+    configs = [REPO / "configs/student" / name for name in
+               ("rded_defaults.yaml", "cifar10_convnet.yaml", "cifar100_convnet.yaml")]
+    result = subprocess.run([sys.executable, "-m", "patchdd", "fit", *[a for p in configs for a in ("-c", str(p))],
+                             "--print_config"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert model["lr"] == 0.002 and data["batch_size"] == 25  # RDED's CIFAR-100 ConvNet-D3 case
+    assert model["student_kwargs"] == {"norm": "batch"} == model["teacher_kwargs"]
+    assert data["real"]["class_path"].endswith("CIFARDataModule") and data["real"]["init_args"]["variant"] == "cifar100"

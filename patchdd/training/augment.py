@@ -40,10 +40,13 @@ class AugmentOptions:
     ``shuffle`` chooses how the ``grid x grid`` tiles of a composed image are reordered: ``strips`` is RDED's
     ShufflePatches (a random order of the tile columns, then of the tile rows), ``tiles`` any permutation of the
     tiles. The grid itself comes from the synthetic set (2 for 2x2 compositions, 1 = no shuffle).
+
+    ``scale`` is the RandomResizedCrop area range; ``None`` (the default) is RDED's rule ``(1 / factor, 1)`` with
+    the set's composition factor: ``(0.5, 1)`` for 2x2 sets, ``(1, 1)`` for one patch per image.
     """
 
     image_size: int = 224
-    scale: tuple[float, float] = (0.5, 1.0)
+    scale: tuple[float, float] | None = None
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     shuffle: ShuffleMode = "strips"
@@ -137,14 +140,19 @@ def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) 
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def crop_scale(options: AugmentOptions, grid: int) -> tuple[float, float]:
+    """The crop area range: ``options.scale``, or RDED's ``(1 / factor, 1)`` for a set of ``grid x grid`` images."""
+    return tuple(options.scale) if options.scale is not None else (1 / grid, 1.0)
+
+
 def augment_batch(images: torch.Tensor, grid: int, options: AugmentOptions,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """RDED's per-image augmentation of a uint8 batch (B, 3, H, W) on its own device -> normalised float."""
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"augment_batch needs a uint8 (B, C, H, W) batch, got {images.dtype} {tuple(images.shape)}")
     images = shuffle_patches(images, grid, options.shuffle, generator)
-    boxes = sample_crop_boxes(len(images), images.shape[2], images.shape[3], options.scale, options.ratio, generator,
-                              images.device)
+    boxes = sample_crop_boxes(len(images), images.shape[2], images.shape[3], crop_scale(options, grid),
+                              options.ratio, generator, images.device)
     crops = resized_crops(images, boxes, options.image_size)
     if options.flip:
         crops = random_flip(crops, generator)
@@ -165,7 +173,8 @@ class ShufflePatches(torch.nn.Module):
 def per_sample_transform(grid: int, options: AugmentOptions) -> Callable[[torch.Tensor], torch.Tensor]:
     """The same augmentation for one uint8 CHW tensor (CPU data-loader workers), from torchvision's transforms."""
     steps: list[Callable] = [ShufflePatches(grid, options.shuffle)] if grid > 1 else []
-    steps.append(v2.RandomResizedCrop(options.image_size, scale=options.scale, ratio=options.ratio, antialias=True))
+    steps.append(v2.RandomResizedCrop(options.image_size, scale=crop_scale(options, grid), ratio=options.ratio,
+                                      antialias=True))
     if options.flip:
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(options.mean, options.std)]

@@ -12,6 +12,7 @@ Names:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,26 +22,27 @@ from patchdd.errors import CheckpointMismatchError, WeightsUnavailableError
 
 TORCHVISION_PREFIX = "tv:"
 CONVNET_PREFIX = "convnet_d"
+ConvNetNorm = Literal["instance", "batch", "none"]
 STATE_DICT_PREFIXES = ("model.", "module.", "_orig_mod.", "student.", "teacher.", "net.")
 
 
 
 
 class ConvNet(nn.Module):
-    """The ConvNet of the dataset-distillation literature (DC / DSA / DM / MTT): depth x [conv-norm-relu-pool]."""
+    """The ConvNet of the dataset-distillation literature (DC / DSA / DM / MTT): depth x [conv-norm-relu-pool].
+
+    ``norm``: ``instance`` (the literature's default: GroupNorm with one group per channel, affine), ``batch``
+    (RDED's ConvNet students and teachers) or ``none``.
+    """
 
     def __init__(self, num_classes: int, depth: int = 3, width: int = 128, image_size: int = 32,
-                 in_chans: int = 3) -> None:
+                 in_chans: int = 3, norm: ConvNetNorm = "instance") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_chans
         for _ in range(depth):
-            layers += [
-                nn.Conv2d(channels, width, 3, padding=1),
-                nn.GroupNorm(width, width, affine=True),  # instance norm with affine parameters
-                nn.ReLU(inplace=True),
-                nn.AvgPool2d(2, 2),
-            ]
+            layers += [nn.Conv2d(channels, width, 3, padding=1), norm_layer(norm, width), nn.ReLU(inplace=True),
+                       nn.AvgPool2d(2, 2)]
             channels = width
         self.features = nn.Sequential(*layers)
         side = image_size // (2 ** depth)
@@ -51,6 +53,17 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def norm_layer(norm: ConvNetNorm, channels: int) -> nn.Module:
+    """The ConvNet's normalisation: instance norm (affine GroupNorm, one group per channel), BatchNorm, or none."""
+    if norm == "instance":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown ConvNet norm {norm!r}; choose 'instance', 'batch' or 'none'")
 
 
 class OutputSubset(nn.Module):

@@ -203,8 +203,7 @@ def demo(
         teachers=[TeacherSpec("convnet_d3", checkpoint=str(teacher_checkpoint), kwargs=teacher_kwargs,
                               label="ConvNet-D3")],
         students=[StudentSpec("convnet_d3", kwargs=teacher_kwargs, label="ConvNet-D3")],
-        ipcs=ipcs, selectors=selectors, seeds=seeds, num_classes=len(read_synthetic_folder(
-            syn_root / selectors[0] / f"ipc{ipcs[0]}").classes),
+        ipcs=ipcs, selectors=selectors, seeds=seeds,
         synthetic_dir=str(syn_root / "{selector}" / "ipc{ipc}"),
         overrides={"trainer.max_epochs": student_epochs, "data.real.root": str(data_dir)},
         launcher="inline", title="Toy demo students"))

@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from patchdd.errors import PatchDDError, one_line
 from patchdd.lightning_modules.student import SUMMARY_FILE
-from patchdd.training.kd import rded_batch_size
 from patchdd.training.zoo import find_run_checkpoint
 from patchdd.workflows.console import output_to
 from patchdd.workflows.invoke import packaged_path, run_trainer_command
@@ -93,7 +92,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def cell_overrides(cell: Cell, batch_size: int | None, synthetic_dir: str | None, devices: int | None,
+def cell_overrides(cell: Cell, batch_size: int | str | None, synthetic_dir: str | None, devices: int | None,
                    overrides: dict) -> dict:
     """Dotted LightningCLI keys -> values that turn the base config into this cell's run."""
     values = {
@@ -318,11 +317,6 @@ def plan_cells(out_dir: Path, teachers: list[TeacherSpec], students: list[Studen
             for ipc, sel, t, s, seed in product(ipcs, selectors, teachers, students, seeds)]
 
 
-def cell_batch_size(batch_size: int | str, ipc: int, num_classes: int | None) -> int | None:
-    """The batch size a cell sets: a number, RDED's rule (``rded``), or None to keep the base config's (``base``)."""
-    if batch_size == "rded":
-        return rded_batch_size(ipc, num_classes)
-    return None if batch_size == "base" else int(batch_size)
 
 
 def describe_outcome(outcome: dict) -> str:
@@ -367,7 +361,6 @@ def matrix(
     ipcs: list[int] = [10],
     selectors: list[str] = ["diffusion"],
     seeds: list[int] = [0],
-    num_classes: int | None = None,
     batch_size: int | Literal["rded", "base"] = "rded",
     synthetic_dir: str | None = None,
     overrides: dict = {},
@@ -388,8 +381,8 @@ def matrix(
         ipcs: images per class; set as ``data.ipc`` (or filled into ``synthetic_dir``).
         selectors: patch selectors; set as ``data.selector`` (or filled into ``synthetic_dir``).
         seeds: random initialisations per cell; the tables show mean ± std over them.
-        num_classes: class count of the synthetic set, for RDED's batch-size rule.
-        batch_size: an int, ``rded`` (RDED's rule from IPC and ``num_classes``) or ``base`` (the base config's).
+        batch_size: an int, ``rded`` (RDED's rule, applied by the data module from the cell's IPC and class
+            count: the rule a single ``fit`` uses too) or ``base`` (the base config's).
         synthetic_dir: exported sets instead of a store, a template with ``{ipc}`` / ``{selector}``
             (e.g. ``runs/distill/woof/{selector}/ipc{ipc}``).
         overrides: dotted keys applied to every cell, e.g. ``{"trainer.max_epochs": 300}``.
@@ -401,8 +394,6 @@ def matrix(
         heatmap_metric: what the heatmap shows, ``final_top1`` or ``best_top1`` (``matrix.md`` shows both).
         title: title of the Markdown file and the heatmap.
     """
-    if batch_size == "rded" and num_classes is None:
-        raise ValueError("batch_size='rded' needs num_classes (or give batch_size as a number, or 'base')")
     if launcher == "inline" and gpus is not None:
         raise ValueError("launcher='inline' runs cells one by one in this process; use 'subprocess' with gpus")
     if not teachers or not students:
@@ -416,8 +407,8 @@ def matrix(
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(out_dir, teachers, students, ipcs, selectors, seeds)
     devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
-    settings = [cell_overrides(cell, cell_batch_size(batch_size, cell.ipc, num_classes), synthetic_dir, devices,
-                               overrides) for cell in cells]
+    settings = [cell_overrides(cell, None if batch_size == "base" else batch_size, synthetic_dir, devices, overrides)
+                for cell in cells]
     identities = [cell_identity(bases, values) for values in settings]
     rows: list[dict | None] = [None] * len(cells)
     pending: queue.Queue = queue.Queue()
