@@ -9,13 +9,16 @@ validation runs are logged and written to ``summary.json`` in the run's log dire
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from patchdd.data.sources import teacher_class_folders, teacher_output_positions
+from patchdd.errors import DataError
 from patchdd.lightning_modules.classifier import RealValidation
 from patchdd.training.augment import AugmentOptions, MixMode, augment_batch, mix_batch
 from patchdd.training.kd import RDED_TEMPERATURE, Schedule, kd_kl_loss, learning_rate_for, lr_factor
@@ -25,6 +28,7 @@ from patchdd.training.zoo import OutputSubset, build_model, recorded_class_mappi
 # Checkpoints store the augmentation options among the hyper-parameters; let weights-only loading accept them.
 torch.serialization.add_safe_globals([AugmentOptions])
 SUMMARY_FILE = "summary.json"
+PROTOCOL_FILE = "protocol.json"
 
 
 class FKDStudent(RealValidation, L.LightningModule):
@@ -62,6 +66,10 @@ class FKDStudent(RealValidation, L.LightningModule):
         mixing: ``cutmix`` (RDED), ``mixup`` or ``none``, one per batch; the teacher labels the mixed batch.
         cutmix_alpha: Beta parameter of CutMix.
         mixup_alpha: Beta parameter of Mixup.
+        min_teacher_top1: the sanity gate: the fit refuses a teacher whose top-1 on the real validation data is
+            lower (None: twice chance, 2 / classes; 0: no gate; a random teacher is never gated).
+        label_mode: ``soft`` (the teacher's soft labels on each augmented batch: the protocol) or ``hard``
+            (cross-entropy on the set's class labels, no teacher and no mixing: DD-Ranking's hard-label runs).
         temperature: KD temperature (None: RDED's, 20 with CutMix, 4 with Mixup).
         scale_loss_by_t2: multiply the KD loss by T^2 (RDED does not).
         optimizer: ``adamw`` (RDED) or ``sgd``.
@@ -93,6 +101,8 @@ class FKDStudent(RealValidation, L.LightningModule):
         mixing: MixMode = "cutmix",
         cutmix_alpha: float = 1.0,
         mixup_alpha: float = 0.8,
+        min_teacher_top1: float | None = None,
+        label_mode: Literal["soft", "hard"] = "soft",
         temperature: float | None = None,
         scale_loss_by_t2: bool = False,
         optimizer: Literal["adamw", "sgd"] = "adamw",
@@ -123,9 +133,16 @@ class FKDStudent(RealValidation, L.LightningModule):
 
     def _build(self, num_classes: int) -> None:
         hp = self.hparams
-        if not (hp.teacher_pretrained or hp.teacher_checkpoint or hp.random_teacher):
+        if hp.label_mode == "soft" and not (hp.teacher_pretrained or hp.teacher_checkpoint or hp.random_teacher):
             raise ValueError("the teacher needs weights: teacher_pretrained=true or teacher_checkpoint=PATH "
                              "(random_teacher=true for a randomly initialised control teacher)")
+        self.student = build_model(hp.student, num_classes, image_size=hp.model_image_size,
+                                   **(hp.student_kwargs or {}))
+        self.val_metrics = accuracy_metrics(num_classes, "val/")
+        self.hparams.num_classes = num_classes
+        if hp.label_mode == "hard":  # cross-entropy on the set's labels: no teacher
+            self.teacher = None
+            return
         teacher_count, positions = hp.teacher_outputs or (num_classes, None)
         if hp.teacher_pretrained and teacher_count != 1000:
             raise ValueError(f"a pretrained hub teacher has 1000 ImageNet outputs, not {teacher_count}: train with a "
@@ -137,16 +154,13 @@ class FKDStudent(RealValidation, L.LightningModule):
         self.teacher = teacher if positions is None else OutputSubset(teacher, positions)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self.student = build_model(hp.student, num_classes, image_size=hp.model_image_size,
-                                   **(hp.student_kwargs or {}))
         if hp.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
             self.student.to(memory_format=torch.channels_last)
-        self.val_metrics = accuracy_metrics(num_classes, "val/")
-        self.hparams.num_classes = num_classes
 
     def setup(self, stage: str) -> None:
-        if self.hparams.num_classes is None and self.hparams.teacher_outputs is None:
+        hp = self.hparams
+        if hp.label_mode == "soft" and hp.num_classes is None and hp.teacher_outputs is None:
             self.hparams.teacher_outputs = self._teacher_outputs(self.trainer.datamodule)
         super().setup(stage)
 
@@ -169,7 +183,7 @@ class FKDStudent(RealValidation, L.LightningModule):
     def train(self, mode: bool = True) -> "FKDStudent":
         """Lightning puts the module in train mode every epoch; the teacher stays in eval mode."""
         super().train(mode)
-        if hasattr(self, "teacher"):
+        if getattr(self, "teacher", None) is not None:
             self.teacher.eval()
         return self
 
@@ -198,7 +212,12 @@ class FKDStudent(RealValidation, L.LightningModule):
             with torch.no_grad():
                 unmixed = (self(images).argmax(1) == labels).float().mean()
             self.log("train/top1_unmixed", unmixed, batch_size=len(labels))
-        mixed = self._memory_format(mix_batch(images, hp.mixing, hp.cutmix_alpha, hp.mixup_alpha))
+        if hp.label_mode == "hard":  # cross-entropy on the set's own labels, no mixing
+            loss = F.cross_entropy(self.student(self._memory_format(images)), labels)
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+            return loss
+        mixing = hp.mixing if self.augment.enabled else "none"
+        mixed = self._memory_format(mix_batch(images, mixing, hp.cutmix_alpha, hp.mixup_alpha))
         with torch.no_grad():
             teacher_logits = self.teacher(mixed)
         student_logits = self.student(mixed)
@@ -229,8 +248,48 @@ class FKDStudent(RealValidation, L.LightningModule):
             "best_epoch": self.best_epoch,
             "epochs": self.current_epoch,
             "validations": self.validations,
-            "teacher": self.hparams.teacher,
+            "teacher": self.hparams.teacher if self.hparams.label_mode == "soft" else None,
             "student": self.hparams.student,
+            "label_mode": self.hparams.label_mode,
+            "augmentation": self.augment.enabled,
+        }
+
+    def on_fit_start(self) -> None:
+        """The sanity gate and the protocol card: the teacher's top-1 on the real validation data must reach
+        ``min_teacher_top1`` (a random teacher, a control, is exempt); ``protocol.json`` in the log dir records
+        what this result was measured with."""
+        hp = self.hparams
+        teacher_top1 = None
+        if self.teacher is not None and self.trainer.datamodule is not None:
+            teacher_top1 = teacher_accuracy(self.teacher, self.trainer.datamodule.val_dataloader(), self.device)
+            floor = hp.min_teacher_top1 if hp.min_teacher_top1 is not None else 2 / hp.num_classes
+            if teacher_top1 is not None and not hp.random_teacher and teacher_top1 < floor:
+                raise DataError(f"the teacher's top-1 on the real validation data is {teacher_top1:.3f}, below the "
+                                f"gate {floor:.3f} (twice chance unless min_teacher_top1 says otherwise): wrong "
+                                "weights or wrong classes? (min_teacher_top1=0 accepts it)")
+        if self.trainer.is_global_zero and self.trainer.log_dir is not None:
+            path = Path(self.trainer.log_dir) / PROTOCOL_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.protocol_card(teacher_top1), indent=1))
+
+    def protocol_card(self, teacher_top1: float | None) -> dict:
+        """What a result was measured with: teacher and its real-val top-1, student, label mode, augmentation,
+        normalisation, mixing, epochs, batch size, class order, precision."""
+        hp, trainer = self.hparams, self.trainer
+        datamodule = trainer.datamodule
+        return {
+            "label_mode": hp.label_mode,
+            "teacher": None if self.teacher is None else {
+                "name": hp.teacher, "checkpoint": hp.teacher_checkpoint, "pretrained": hp.teacher_pretrained,
+                "random": hp.random_teacher, "real_val_top1": teacher_top1},
+            "student": {"name": hp.student, "kwargs": hp.student_kwargs, "lr": self.lr},
+            "augmentation": asdict(self.augment),
+            "mixing": hp.mixing if self.augment.enabled and hp.label_mode == "soft" else "none",
+            "temperature": self.temperature if hp.label_mode == "soft" else None,
+            "epochs": trainer.max_epochs,
+            "batch_size": getattr(datamodule, "batch_size", None),
+            "classes": list(datamodule.class_mapping.folders) if hasattr(datamodule, "class_mapping") else None,
+            "precision": str(trainer.precision),
         }
 
     def on_fit_end(self) -> None:
@@ -257,7 +316,21 @@ class FKDStudent(RealValidation, L.LightningModule):
                                     "final": self.final, "validations": self.validations}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         record = checkpoint.get("fkd_record", {})
         self.best_top1, self.best_epoch = record.get("best_top1"), record.get("best_epoch")
         self.final, self.validations = record.get("final", {}), record.get("validations", 0)
+
+
+@torch.no_grad()
+def teacher_accuracy(teacher: torch.nn.Module, batches, device: torch.device) -> float | None:
+    """Top-1 of ``teacher`` over real ``ImageBatch`` batches (None when there are none)."""
+    right = total = 0
+    for batch in batches:
+        if batch.labels.numel() == 0:
+            continue
+        predictions = teacher(batch.images.to(device)).argmax(1).cpu()
+        right += int((predictions == batch.labels).sum())
+        total += len(batch.labels)
+    return right / total if total else None

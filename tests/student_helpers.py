@@ -61,6 +61,7 @@ class SquaresData(L.LightningDataModule):
         self.val_labels = val_labels
         self.batch_size = batch_size
         self.num_classes = len(CLASSES)
+        self.class_mapping = CLASSES
 
     def train_dataloader(self) -> DataLoader:
         dataset = TensorDataset(self.synthetic_set.images, self.synthetic_set.labels)

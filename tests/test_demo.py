@@ -34,7 +34,8 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
         "trainer.max_epochs": 1, "data.init_args.num_workers": 0, "data.init_args.batch_size": 8})
     score = _reduced("configs/score/toy.yaml", tmp_path, {
         "model.init_args.num_draws": 2, "model.init_args.dift_ensemble": 1, "data.init_args.num_workers": 0})
-    student = _reduced("configs/student/toy.yaml", tmp_path, {"data.init_args.real.init_args.num_workers": 0})
+    student = _reduced("configs/student/toy.yaml", tmp_path, {"data.init_args.real.init_args.num_workers": 0,
+                                                              "model.init_args.min_teacher_top1": 0})  # 1-epoch teacher
     out = tmp_path / "demo"
     kwargs = dict(out=str(out), data=str(data), prior=str(prior), teacher_config=teacher, score_config=score,
                   student_configs=["configs/student/rded_defaults.yaml", student], ipcs=[1, 2],

@@ -23,7 +23,7 @@ def base_config(tmp_path: Path) -> Path:
     config = {
         "seed_everything": 0,
         "model": {"class_path": "FKDStudent",
-                  "init_args": {"model_image_size": SIZE, "augment": {"image_size": SIZE},
+                  "init_args": {"model_image_size": SIZE, "augment": {"image_size": SIZE}, "min_teacher_top1": 0,
                                 "lr_by_architecture": {"convnet": 0.003}}},
         "data": {"class_path": "DistilledDataModule",
                  "init_args": {"synthetic_dir": str(tmp_path / "syn" / "ipc2"), "batch_size": 4,

@@ -15,9 +15,11 @@ class PatchSelector(Protocol):
     """Chooses, per class, the patches (source image + box in original pixels) that make its synthetic images.
 
     ``name`` is the method's registry name; ``options`` what decided its picks (recorded in ``synthetic.json``).
+    A method whose picks are whole images sets ``composes = False``: its images are never tiled.
     """
 
     name: ClassVar[str]
+    composes: ClassVar[bool] = True
 
     def capacity(self, rows: np.ndarray) -> int:
         """Most patches this selector can give for a class with these store rows."""

@@ -15,6 +15,7 @@ from patchdd.methods.base import PatchSelector
 from patchdd.methods.composition import LayoutOptions, OriginalImages
 from patchdd.methods.diffusion import DiffusionSelector
 from patchdd.methods.random_patches import RandomSelector
+from patchdd.methods.random_real import RandomRealSelector
 from patchdd.methods.rded import RDEDOptions, RDEDSelector
 from patchdd.methods.selection import ClusterOptions
 from patchdd.methods.store_index import StoreIndex
@@ -23,6 +24,7 @@ METHODS: dict[str, type] = {
     "diffusion": DiffusionSelector,  # the paper: DIFT clusters ranked by diffusion relevance
     "random": RandomSelector,  # baseline: uniformly placed patches of the same size
     "rded": RDEDSelector,  # baseline: RDED's teacher-scored random crops
+    "random_real": RandomRealSelector,  # baseline: whole real images at random (DD-Ranking's reference)
 }
 
 
@@ -32,7 +34,8 @@ class SynthesisOptions:
     ``DistilledDataModule``.
 
     Args:
-        selector: the method of :data:`METHODS`: ``diffusion`` (the paper), ``random`` or ``rded`` (baselines).
+        selector: the method of :data:`METHODS`: ``diffusion`` (the paper), ``random``, ``rded`` or
+            ``random_real`` (baselines).
         layout: output image size and the tiled layout at low IPC (``compose_max_ipc``, ``grid``).
         clustering: k-means and cluster-ranking settings of the ``diffusion`` method.
         rded: settings and teacher of the ``rded`` method.

@@ -9,6 +9,7 @@ serves it to a student.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,12 +76,19 @@ def build_synthetic(index: StoreIndex, images: OriginalImages, classes: ClassMap
 
 
 class StageTwo(NamedTuple):
-    """What building sets from one store needs: its rows, its original images, the classes asked and a method."""
+    """What building sets from one store needs: its rows, its original images, the classes asked, a method and
+    the layout its images take."""
 
     index: StoreIndex
     images: OriginalImages
     classes: ClassMapping
     selector: PatchSelector
+    layout: LayoutOptions
+
+
+def method_layout(selector: PatchSelector, layout: LayoutOptions) -> LayoutOptions:
+    """``layout``, except that a method of whole images (``composes = False``) is never tiled."""
+    return layout if getattr(selector, "composes", True) else replace(layout, compose_max_ipc=0)
 
 
 def open_store(store: str | Path, classes: str | list[str] | None, synthesis: SynthesisOptions) -> StageTwo:
@@ -90,7 +98,9 @@ def open_store(store: str | Path, classes: str | list[str] | None, synthesis: Sy
     check_settings(score_store, synthesis.expect_settings)
     index = StoreIndex(score_store)
     images = OriginalImages.from_data_spec(score_store.manifest.data, synthesis.images_root)
-    return StageTwo(index, images, subset_mapping(index.classes, classes), make_selector(index, images, synthesis))
+    selector = make_selector(index, images, synthesis)
+    return StageTwo(index, images, subset_mapping(index.classes, classes), selector,
+                    method_layout(selector, synthesis.layout))
 
 
 def synthetic_set(store: str | Path, ipc: int, classes: str | list[str] | None = "all",
@@ -99,5 +109,5 @@ def synthetic_set(store: str | Path, ipc: int, classes: str | list[str] | None =
     it was made from (one call for a notebook: ``patchdd.synthetic_set("runs/demo/scores", 10, "all")``)."""
     synthesis = synthesis or SynthesisOptions()
     opened = open_store(store, classes, synthesis)
-    return build_synthetic(opened.index, opened.images, opened.classes, ipc, opened.selector, synthesis.layout,
+    return build_synthetic(opened.index, opened.images, opened.classes, ipc, opened.selector, opened.layout,
                            progress)

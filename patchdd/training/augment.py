@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
@@ -43,8 +44,12 @@ class AugmentOptions:
 
     ``scale`` is the RandomResizedCrop area range; ``None`` (the default) is RDED's rule ``(1 / factor, 1)`` with
     the set's composition factor: ``(0.5, 1)`` for 2x2 sets, ``(1, 1)`` for one patch per image.
+
+    ``enabled: false`` is DD-Ranking's no-augmentation protocol: Resize + Normalize only (no tile shuffle, crop,
+    flip, and no mixing in the student).
     """
 
+    enabled: bool = True
     image_size: int = 224
     scale: tuple[float, float] | None = None
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -150,6 +155,10 @@ def augment_batch(images: torch.Tensor, grid: int, options: AugmentOptions,
     """RDED's per-image augmentation of a uint8 batch (B, 3, H, W) on its own device -> normalised float."""
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"augment_batch needs a uint8 (B, C, H, W) batch, got {images.dtype} {tuple(images.shape)}")
+    if not options.enabled:
+        resized = F.interpolate(images.float(), size=(options.image_size, options.image_size), mode="bilinear",
+                                antialias=True, align_corners=False)
+        return normalize(resized, options.mean, options.std)
     images = shuffle_patches(images, grid, options.shuffle, generator)
     boxes = sample_crop_boxes(len(images), images.shape[2], images.shape[3], crop_scale(options, grid),
                               options.ratio, generator, images.device)
@@ -172,6 +181,9 @@ class ShufflePatches(torch.nn.Module):
 
 def per_sample_transform(grid: int, options: AugmentOptions) -> Callable[[torch.Tensor], torch.Tensor]:
     """The same augmentation for one uint8 CHW tensor (CPU data-loader workers), from torchvision's transforms."""
+    if not options.enabled:
+        return v2.Compose([v2.Resize((options.image_size, options.image_size), antialias=True),
+                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(options.mean, options.std)])
     steps: list[Callable] = [ShufflePatches(grid, options.shuffle)] if grid > 1 else []
     steps.append(v2.RandomResizedCrop(options.image_size, scale=crop_scale(options, grid), ratio=options.ratio,
                                       antialias=True))

@@ -42,8 +42,7 @@ def distill(
         existing = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
         if existing and not overwrite:
             raise FileExistsError(f"output folders exist: {existing} (pass --overwrite true to replace them)")
-        index, images, mapping, selector = open_store(store, classes, synthesis)
-        layout = synthesis.layout
+        index, images, mapping, selector, layout = open_store(store, classes, synthesis)
         for n in targets:  # every IPC checked before the first is written
             check_capacity(index, selector, mapping.folders, patch_count(n, layout), n)
         for n, target in targets.items():
