@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SETUP_LOG := $(VENV)/setup.log
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup test test-all demo toydata toy-prior clean
+.PHONY: setup test test-all demo panel toydata toy-prior clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ toy-prior: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) cli.py demo -c configs/demo/toy.yaml
+
+# The fairness panel on the demo's sets (run make demo first): 4 methods x 4 protocols x IPC 1, 10 x 3 seeds.
+panel: $(STAMP)
+	$(PY) cli.py matrix -c configs/matrix/toy_panel.yaml --out runs/matrix/toy_panel
 
 clean:
 	rm -rf runs lightning_logs data/toy

@@ -252,6 +252,7 @@ class FKDStudent(RealValidation, L.LightningModule):
             "student": self.hparams.student,
             "label_mode": self.hparams.label_mode,
             "augmentation": self.augment.enabled,
+            "peak_memory_mb": peak_memory_mb(self.device),
         }
 
     def on_fit_start(self) -> None:
@@ -334,3 +335,13 @@ def teacher_accuracy(teacher: torch.nn.Module, batches, device: torch.device) ->
         right += int((predictions == batch.labels).sum())
         total += len(batch.labels)
     return right / total if total else None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: the GPU's allocated peak on a GPU; on the CPU the process's peak resident set so far
+    (cells run inline in one process share it)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

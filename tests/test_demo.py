@@ -39,24 +39,34 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
     out = tmp_path / "demo"
     kwargs = dict(out=str(out), data=str(data), prior=str(prior), teacher_config=teacher, score_config=score,
                   student_configs=["configs/student/rded_defaults.yaml", student], ipcs=[1, 2],
-                  selectors=["diffusion", "random", "rded"], seeds=[0, 1], student_epochs=2)
+                  selectors=["diffusion", "random", "rded", "random_real"], seeds=[0, 1], student_epochs=2,
+                  protocols=["soft_aug", "hard_aug"])
 
     table = demo(**kwargs).read_text()
 
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [row.split("|")[1].strip() for row in rows] == ["diffusion", "random", "rded", FULL_DATA_ROW]
-    for row in rows[:3]:
+    main = rows[:rows.index(next(r for r in rows if FULL_DATA_ROW in r)) + 1]
+    assert [row.split("|")[1].strip() for row in main] == ["diffusion", "random", "rded", "random_real", FULL_DATA_ROW]
+    for row in main[:4]:
         cells = [c.strip() for c in row.split("|")[2:-1]]
         assert len(cells) == 4 and all(c and c != "failed" for c in cells), row
         assert "±" in cells[0] and "±" in cells[1]  # two seeds: mean ± std
     for name in ("results.png", "contact_sheet.png", "results.json"):
         assert (out / name).stat().st_size > 0
-    assert len(list((out / "students").rglob("summary.json"))) == 2 * 3 * 2
+    assert len(list((out / "students").rglob("summary.json"))) == 2 * 4 * 2 * 2  # IPCs x methods x seeds x protocols
+    assert "## Fairness panel" in table and "## Cost ledger" in table
+    panel = next(line for line in table.splitlines() if line.startswith("| diffusion |") and "LRS" not in line
+                 and line.count("|") > 8)
+    assert panel.split("|")[-3].strip() != "–"  # an LRS: hard-label runs, random_real and the full-data student
+    assert (out / "students" / "panel.png").stat().st_size > 0
 
     # a second call finds every stage done and rebuilds the same table without training again
     stamp = (out / "students" / "results.csv").stat().st_mtime
-    assert demo(**kwargs).read_text() == table
-    assert len(list((out / "students").rglob("summary.json"))) == 12
+    again = demo(**kwargs).read_text()
+    results = table.partition("## Cost ledger")[0]
+    assert again.partition("## Cost ledger")[0] == results  # the same results; the ledger says what ran this time
+    assert "done before" in again.partition("## Cost ledger")[2]
+    assert len(list((out / "students").rglob("summary.json"))) == 32
     assert (out / "students" / "results.csv").stat().st_mtime >= stamp
 
 

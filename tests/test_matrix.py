@@ -157,3 +157,60 @@ def test_table4_config_parses_into_specs(tmp_path):
     assert len(config.teachers) == 7 and len(config.students) == 7 and config.ipcs == [50]
     assert isinstance(config.teachers[0], TeacherSpec) and config.teachers[0].pretrained
     assert isinstance(config.students[6], StudentSpec) and config.students[6].name == "tv:vit_b_16"
+
+
+def test_fairness_panel_from_a_matrix_with_all_protocols(tmp_path):
+    """Two methods (a set and the random_real reference) x four protocols x two seeds, the full-data student
+    cached: panel.csv has a row per run, panel.md the LRS / ARS the formulas give on those runs."""
+    from patchdd.evaluation.ddranking import augmentation_robust_score, label_robust_score
+
+    write_real_folder(tmp_path / "real", per_class=2, seed=0)
+    for selector in ("random", "random_real"):
+        write_synthetic_export(tmp_path / "syn" / selector / "ipc2", ipc=2)
+    full_data = tmp_path / "full_data.yaml"
+    full_data.write_text(yaml.safe_dump({
+        "model": {"class_path": "Classifier", "init_args": {"model": "convnet_d1", "image_size": SIZE,
+                                                            "optimizer": "adamw", "lr": 3e-3}},
+        "data": {"class_path": "ImageFolderDataModule",
+                 "init_args": {"root": str(tmp_path / "real"), "image_size": SIZE, "eval_resize": SIZE,
+                               "batch_size": 4, "num_workers": 0}},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "enable_model_summary": False}}))
+    teacher = tmp_path / "teacher.pt"
+    torch.save(build_model("convnet_d2", len(CLASSES), image_size=SIZE, width=8).state_dict(), teacher)
+    config = tmp_path / "panel.yaml"
+    config.write_text(yaml.safe_dump({
+        "base": str(base_config(tmp_path)),
+        "teachers": [{"name": "convnet_d2", "checkpoint": str(teacher), "kwargs": {"width": 8}, "label": "T"}],
+        "students": [{"name": "convnet_d1", "kwargs": {"width": 8}, "label": "S"}],
+        "ipcs": [2], "selectors": ["random", "random_real"], "seeds": [0, 1],
+        "protocols": ["soft_aug", "soft_noaug", "hard_aug", "hard_noaug"],
+        "synthetic_dir": str(tmp_path / "syn" / "{selector}" / "ipc{ipc}"),
+        "full_data": {"config": str(full_data), "cache_dir": str(tmp_path / "full_cache")},
+        "overrides": {"trainer.max_epochs": 1}}))
+    out = tmp_path / "out"
+    run_matrix(config, out, "inline")
+    rows = list(csv.DictReader((out / "panel.csv").open()))
+    assert len(rows) == 2 * 4 * 2 and {r["protocol"] for r in rows} == {"soft_aug", "soft_noaug", "hard_aug",
+                                                                          "hard_noaug"}
+    assert all(r["status"] == "done" for r in rows)
+    hard = [r for r in rows if r["protocol"].startswith("hard")]
+    assert all(Path(r["log_dir"]).name.startswith("hard_") for r in hard)
+    assert json.loads((Path(hard[0]["log_dir"]) / "summary.json").read_text())["label_mode"] == "hard"
+
+    def mean(selector, protocol):
+        values = [float(r["final_top1"]) for r in rows if r["selector"] == selector and r["protocol"] == protocol]
+        return sum(values) / len(values)
+
+    (cached,) = (tmp_path / "full_cache").glob("S-*/full_data.json")
+    real_hard = json.loads(cached.read_text())["final_top1"]
+    lrs = label_robust_score(real_hard, mean("random", "hard_aug"), mean("random", "soft_aug"),
+                             mean("random_real", "soft_aug"))
+    ars = augmentation_robust_score(mean("random", "soft_aug"), mean("random_real", "soft_aug"),
+                                    mean("random", "soft_noaug"), mean("random_real", "soft_noaug"))
+    table = (out / "panel.md").read_text()
+    line = next(row for row in table.splitlines() if row.startswith("| random |"))
+    assert line.rstrip(" |").endswith(f"{lrs:.3f} | {ars:.3f}")
+    assert (out / "panel.png").stat().st_size > 1000
+    stamp = cached.stat().st_mtime
+    run_matrix(config, out, "inline")  # everything reused: the cells and the cached full-data student
+    assert cached.stat().st_mtime == stamp

@@ -21,7 +21,9 @@ from patchdd.training.zoo import find_run_checkpoint
 from patchdd.workflows.console import output_to
 from patchdd.workflows.distill import distill
 from patchdd.workflows.invoke import packaged_path, run_function, run_trainer_command
-from patchdd.workflows.matrix import StudentSpec, TeacherSpec, format_cell, matrix, seed_statistics
+from patchdd.workflows.matrix import MAIN_PROTOCOL, StudentSpec, TeacherSpec, matrix
+from patchdd.workflows.panel import FullDataSpec
+from patchdd.workflows.runs import format_cell, seed_statistics, validation_top1s
 
 FULL_DATA_ROW = "full data (teacher, CE)"
 
@@ -32,8 +34,10 @@ def config_args(configs: str | Sequence[str]) -> list[str]:
     return [arg for path in paths for arg in ("-c", path)]
 
 
-def _stage(name: str, done: bool, action: Callable[[], None], log_file: Path | None = None) -> None:
-    """Run ``action`` unless ``done``, with the time it took; what it prints goes to ``log_file``."""
+def _stage(name: str, done: bool, action: Callable[[], None], log_file: Path | None = None,
+           ledger: dict | None = None) -> None:
+    """Run ``action`` unless ``done``, with the time it took (kept in ``ledger``); what it prints goes to
+    ``log_file``."""
     if done:
         print(f"[demo] {name}: done before, skipped", flush=True)
         return
@@ -44,16 +48,10 @@ def _stage(name: str, done: bool, action: Callable[[], None], log_file: Path | N
     else:
         with output_to(log_file):
             action()
-    print(f"[demo] {name}: {time.perf_counter() - start:.0f} s", flush=True)
-
-
-def best_validation_top1(run_dir: Path) -> float:
-    """The best ``val/top1`` a Lightning CSV log holds (the accuracy of its ``best.ckpt``)."""
-    with (run_dir / "metrics.csv").open() as fh:
-        values = [float(row["val/top1"]) for row in csv.DictReader(fh) if row.get("val/top1")]
-    if not values:
-        raise ValueError(f"no val/top1 in {run_dir / 'metrics.csv'}")
-    return max(values)
+    seconds = time.perf_counter() - start
+    if ledger is not None:
+        ledger[name] = seconds
+    print(f"[demo] {name}: {seconds:.0f} s", flush=True)
 
 
 def localisation_rate(tiles_file: Path, boxes: dict[str, list[int]], split: str, threshold: float) -> float:
@@ -64,11 +62,11 @@ def localisation_rate(tiles_file: Path, boxes: dict[str, list[int]], split: str,
 
 
 def accuracy_by_cell(results_csv: Path) -> dict[tuple[str, int], list[float]]:
-    """Final top-1 of every finished run, grouped by (selector, IPC)."""
+    """Final top-1 of every finished run of the main protocol, grouped by (selector, IPC)."""
     cells: dict[tuple[str, int], list[float]] = {}
     with results_csv.open() as fh:
         for row in csv.DictReader(fh):
-            if row["status"] == "done":
+            if row["status"] == "done" and row["protocol"] == MAIN_PROTOCOL:
                 cells.setdefault((row["selector"], int(row["ipc"])), []).append(float(row["final_top1"]))
     return cells
 
@@ -76,6 +74,39 @@ def accuracy_by_cell(results_csv: Path) -> dict[tuple[str, int], list[float]]:
 def mean_std(values: Sequence[float]) -> str:
     """``mean ± std`` over seeds in percent (the matrix tables' format); ``failed`` when no run finished."""
     return format_cell(*seed_statistics(values), len(values), 0) if values else "failed"
+
+
+def cost_ledger(ledger: dict[str, float], results_csv: Path, selectors: Sequence[str], ipcs: Sequence[int],
+                num_classes: int) -> str:
+    """Seconds per stage of this run (stages done before show as such), per synthetic image, and Stage I's
+    one-time scoring amortised over every set built from the store; students per protocol from the matrix's
+    rows (their seconds and peak memory)."""
+    images_per_set = {i: i * num_classes for i in ipcs}
+    built = len(selectors) * sum(images_per_set.values())
+    lines = ["| stage | seconds | seconds per synthetic image | note |", "| --- | --- | --- | --- |"]
+    scoring = next((v for k, v in ledger.items() if k.startswith("scoring")), None)
+    lines.append("| scoring (Stage I, once per dataset) | " + (f"{scoring:.0f}" if scoring else "done before")
+                 + " | " + (f"{scoring / built:.2f} (amortised over the {built} images of the "
+                            f"{len(selectors) * len(ipcs)} sets built here)" if scoring else "–") + " | the store "
+                 "serves every IPC and class subset after this |")
+    for selector in selectors:
+        seconds = ledger.get(f"distil ({selector})")
+        per_image = seconds / sum(images_per_set.values()) if seconds else None
+        lines.append(f"| clustering + selection + export ({selector}) | "
+                     + (f"{seconds:.1f}" if seconds else "done before") + " | "
+                     + (f"{per_image:.3f}" if per_image is not None else "–") + f" | IPC {', '.join(map(str, ipcs))} |")
+    with results_csv.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["status"] == "done"]
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        runs = [r for r in rows if r["protocol"] == protocol and r["seconds"]]  # runs of this time, not reused
+        if not runs:
+            lines.append(f"| students, {protocol} | done before | – | |")
+            continue
+        seconds = sum(float(r["seconds"]) for r in runs)
+        peak = max((float(r["peak_memory_mb"]) for r in runs if r.get("peak_memory_mb")), default=float("nan"))
+        lines.append(f"| students, {protocol} ({len(runs)} runs) | {seconds:.0f} | "
+                     f"{seconds / len(runs):.1f} per run | peak memory {peak:.0f} MiB (process peak on CPU) |")
+    return "\n".join(lines) + "\n"
 
 
 def _pyplot():
@@ -163,10 +194,11 @@ def demo(
     student_configs: list[str] = ["configs/student/rded_defaults.yaml", "configs/student/toy.yaml"],
     teacher_kwargs: dict = {"width": 32},
     ipcs: list[int] = [1, 10],
-    selectors: list[str] = ["diffusion", "random", "rded"],
+    selectors: list[str] = ["diffusion", "random", "rded", "random_real"],
     seeds: list[int] = [0, 1, 2],
     student_epochs: int = 100,
     localisation_threshold: float = 0.5,
+    protocols: list[str] = ["soft_aug"],
 ) -> Path:
     """Run the whole method on the toy data and write runs/demo/results.{md,png} and a contact sheet.
 
@@ -175,6 +207,7 @@ def demo(
     ``configs/distill/toy.yaml`` plus ``configs/distill/toy_2x2.yaml`` for RDED's 2x2 layout.
     """
     out_dir, data_dir, prior_dir = Path(out), Path(data), Path(packaged_path(prior))
+    ledger: dict[str, float] = {}  # seconds of the stages run this time
     teacher_dir, store_dir, syn_root = out_dir / "teacher", out_dir / "scores", out_dir / "syn"
     logs = out_dir / "logs"
     start = time.perf_counter()
@@ -191,13 +224,14 @@ def demo(
            logs / "prior.log")
     _stage("scoring (resumes: only unscored images)", False, lambda: run_trainer_command(
         ["predict", *config_args(score_config), "--data.root", str(data_dir), "--model.prior", str(prior_dir),
-         "--store.dir", str(store_dir), "--trainer.enable_progress_bar", "false"]), logs / "scoring.log")
+         "--store.dir", str(store_dir), "--trainer.enable_progress_bar", "false"]), logs / "scoring.log", ledger)
     for selector in selectors:
         done = all((syn_root / selector / f"ipc{i}" / INFO_FILE).is_file() for i in ipcs)
         _stage(f"distil ({selector})", done, lambda s=selector: run_function("distill", distill, [
             *config_args(distill_config), "--store", str(store_dir), "--out", str(syn_root / s),
             "--synthesis.selector", s, "--synthesis.rded.checkpoint", str(teacher_checkpoint),
-            "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]), logs / f"distill-{selector}.log")
+            "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]), logs / f"distill-{selector}.log",
+               ledger)
     _stage("students", False, lambda: matrix(
         out=str(out_dir / "students"), base=student_configs,
         teachers=[TeacherSpec("convnet_d3", checkpoint=str(teacher_checkpoint), kwargs=teacher_kwargs,
@@ -206,21 +240,29 @@ def demo(
         ipcs=ipcs, selectors=selectors, seeds=seeds,
         synthetic_dir=str(syn_root / "{selector}" / "ipc{ipc}"),
         overrides={"trainer.max_epochs": student_epochs, "data.real.root": str(data_dir)},
-        launcher="inline", title="Toy demo students"))
+        launcher="inline", title="Toy demo students", protocols=protocols,
+        full_data=FullDataSpec(teacher_config, {"data.init_args.root": str(data_dir)}, str(out_dir / "full_data"))),
+           ledger=ledger)
 
     boxes = load_boxes(data_dir)
     localisation = {(s, i): localisation_rate(syn_root / s / f"ipc{i}" / TILES_FILE, boxes, "train",
                                               localisation_threshold) for s in selectors for i in ipcs}
     accuracy = accuracy_by_cell(out_dir / "students" / "results.csv")
-    full_data = best_validation_top1(teacher_checkpoint.parents[1])
+    full_data = max(validation_top1s(teacher_checkpoint.parents[1]))  # the accuracy of best.ckpt
     table = results_markdown(accuracy, localisation, full_data, selectors, ipcs, len(seeds))
-    (out_dir / "results.md").write_text(f"# Toy demo results\n\n{table}")
+    panel = out_dir / "students" / "panel.md"
+    panel_text = panel.read_text().partition("\n\n")[2] if panel.is_file() else ""
+    costs = cost_ledger(ledger, out_dir / "students" / "results.csv", selectors, ipcs,
+                        len(read_synthetic_folder(syn_root / selectors[0] / f"ipc{ipcs[0]}").classes))
+    (out_dir / "results.md").write_text(f"# Toy demo results\n\n{table}\n## Fairness panel\n\n{panel_text}\n"
+                                        f"## Cost ledger\n\n{costs}")
     results_chart(accuracy, localisation, full_data, selectors, ipcs, out_dir / "results.png")
     selection_sheet(syn_root, selectors, max(ipcs), out_dir / "contact_sheet.png")
     (out_dir / "results.json").write_text(json.dumps(
         {"accuracy": {f"{s}/ipc{i}": v for (s, i), v in accuracy.items()},
          "localisation": {f"{s}/ipc{i}": v for (s, i), v in localisation.items()}, "full_data": full_data}, indent=1))
-    print(f"\n{table}\nwrote {out_dir / 'results.md'}, results.png, contact_sheet.png "
+    print(f"\n{table}\n{panel_text}\nwrote {out_dir / 'results.md'} (with the panel and the cost ledger), "
+          f"results.png, students/panel.png, contact_sheet.png "
           f"({time.perf_counter() - start:.0f} s in all)")
     return out_dir / "results.md"
 

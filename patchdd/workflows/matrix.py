@@ -37,9 +37,15 @@ from patchdd.lightning_modules.student import SUMMARY_FILE
 from patchdd.training.zoo import find_run_checkpoint
 from patchdd.workflows.console import output_to
 from patchdd.workflows.invoke import packaged_path, run_trainer_command
+from patchdd.workflows.panel import RANDOM_REAL, FullDataSpec, full_data_accuracy, write_panel
+from patchdd.workflows.runs import fit_arguments, format_cell, seed_statistics, slug
 
-RESULT_COLUMNS = ["teacher", "student", "ipc", "selector", "seed", "final_top1", "final_top5", "best_top1",
-                  "best_epoch", "status", "error", "seconds", "log_dir"]
+RESULT_COLUMNS = ["teacher", "student", "ipc", "selector", "protocol", "seed", "final_top1", "final_top5",
+                  "best_top1", "best_epoch", "status", "error", "seconds", "peak_memory_mb", "log_dir"]
+# How a cell trains its student: the teacher's soft labels or the set's hard labels, with RDED's augmentation or
+# none (Resize + Normalize). soft_aug is the protocol; the others are the fairness panel's variants.
+Protocol = Literal["soft_aug", "soft_noaug", "hard_aug", "hard_noaug"]
+MAIN_PROTOCOL = "soft_aug"
 Metric = Literal["final_top1", "best_top1"]
 Launcher = Literal["subprocess", "inline"]
 IDENTITY_FILE = "cell.json"  # the hash of the config a cell ran with
@@ -75,6 +81,9 @@ class StudentSpec(NetworkSpec):
     lr: float | None = None
 
 
+NO_TEACHER = TeacherSpec(name="none", label="none (hard labels)")  # the row of the hard-label protocols
+
+
 @dataclass
 class Cell:
     teacher: TeacherSpec
@@ -83,13 +92,12 @@ class Cell:
     selector: str
     seed: int
     directory: Path
+    protocol: str = MAIN_PROTOCOL
 
     def describe(self) -> str:
-        return f"{self.teacher.title} x {self.student.title} seed {self.seed} (IPC {self.ipc}, {self.selector})"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+        protocol = "" if self.protocol == MAIN_PROTOCOL else f", {self.protocol}"
+        return (f"{self.teacher.title} x {self.student.title} seed {self.seed} "
+                f"(IPC {self.ipc}, {self.selector}{protocol})")
 
 
 def cell_overrides(cell: Cell, batch_size: int | str | None, synthetic_dir: str | None, devices: int | None,
@@ -110,6 +118,10 @@ def cell_overrides(cell: Cell, batch_size: int | str | None, synthetic_dir: str 
     }
     if cell.student.lr is not None:
         values["model.init_args.lr"] = cell.student.lr
+    if cell.protocol.startswith("hard"):
+        values["model.init_args.label_mode"] = "hard"
+    if cell.protocol.endswith("noaug"):
+        values["model.init_args.augment.enabled"] = False
     if devices is not None:
         values["trainer.devices"] = devices
     if synthetic_dir is not None:
@@ -121,18 +133,6 @@ def cell_overrides(cell: Cell, batch_size: int | str | None, synthetic_dir: str 
     if batch_size is not None:
         values["data.init_args.batch_size"] = batch_size
     return {**values, **overrides}
-
-
-def fit_arguments(base: list[str], values: dict, checkpoint: Path | None) -> list[str]:
-    """``patchdd fit`` arguments: the base configs, then every override as ``--key=value`` (JSON for non-strings)."""
-    args = ["fit"]
-    for path in base:
-        args += ["-c", path]
-    for key, value in values.items():
-        args.append(f"--{key}={value if isinstance(value, str) else json.dumps(value)}")
-    if checkpoint is not None:
-        args.append(f"--ckpt_path={checkpoint}")
-    return args
 
 
 def read_summary(directory: Path) -> dict | None:
@@ -195,7 +195,7 @@ def run_inline(args: list[str], log_file: Path) -> str | None:
 
 def result_row(cell: Cell, outcome: dict) -> dict:
     row = {"teacher": cell.teacher.title, "student": cell.student.title, "ipc": cell.ipc, "selector": cell.selector,
-           "seed": cell.seed, "log_dir": str(cell.directory)}
+           "protocol": cell.protocol, "seed": cell.seed, "log_dir": str(cell.directory)}
     row.update({key: outcome.get(key) for key in RESULT_COLUMNS if key not in row})
     return row
 
@@ -218,19 +218,6 @@ def aggregate(rows: list[dict], metric: Metric) -> dict[tuple, tuple[float, floa
         mean, std = seed_statistics(values) if values else (float("nan"), 0.0)
         out[key] = (mean, std, len(values), sum(r["status"] == "failed" for r in members))
     return out
-
-
-def seed_statistics(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single run) of accuracies (fractions), in percent."""
-    percent = 100 * np.asarray(values, dtype=float)
-    return float(percent.mean()), float(percent.std(ddof=1)) if len(percent) > 1 else 0.0
-
-
-def format_cell(mean: float, std: float, runs: int, failed: int) -> str:
-    if runs == 0:
-        return "failed" if failed else "–"
-    text = f"{mean:.1f} ± {std:.1f}" if runs > 1 else f"{mean:.1f}"
-    return text + (f" ({failed} failed)" if failed else "")
 
 
 def markdown_tables(rows: list[dict], teachers: list[str], students: list[str], metric: Metric) -> str:
@@ -307,14 +294,20 @@ def device_slots(gpus: list[int] | None, devices_per_cell: int) -> list[list[int
 
 
 def plan_cells(out_dir: Path, teachers: list[TeacherSpec], students: list[StudentSpec], ipcs: list[int],
-               selectors: list[str], seeds: list[int]) -> list[Cell]:
-    """Every (IPC, selector, teacher, student, seed) with its log directory, in that nesting order."""
+               selectors: list[str], seeds: list[int], protocols: list[str] = (MAIN_PROTOCOL,)) -> list[Cell]:
+    """Every (protocol, IPC, selector, teacher, student, seed) with its log directory, in that nesting order.
+    Hard-label protocols use no teacher: one row per student (teacher ``none``)."""
     for kind, titles in (("teacher", [t.title for t in teachers]), ("student", [s.title for s in students])):
         if len(set(titles)) != len(titles):
             raise ValueError(f"two {kind}s share a label in {titles}: give them distinct 'label's")
-    return [Cell(t, s, ipc, sel, seed,
-                 out_dir / f"ipc{ipc}" / slug(sel) / f"{slug(t.title)}__{slug(s.title)}" / f"seed{seed}")
-            for ipc, sel, t, s, seed in product(ipcs, selectors, teachers, students, seeds)]
+    cells = []
+    for protocol in protocols:
+        rows = teachers if protocol.startswith("soft") else [NO_TEACHER]
+        prefix = "" if protocol == MAIN_PROTOCOL else f"{protocol}-"
+        cells += [Cell(t, s, ipc, sel, seed, out_dir / f"ipc{ipc}" / slug(sel) / f"{slug(t.title)}__{slug(s.title)}"
+                       / f"{prefix}seed{seed}", protocol)
+                  for ipc, sel, t, s, seed in product(ipcs, selectors, rows, students, seeds)]
+    return cells
 
 
 
@@ -369,6 +362,8 @@ def matrix(
     launcher: Launcher = "subprocess",
     heatmap_metric: Metric = "final_top1",
     title: str = "Teacher x student matrix",
+    protocols: list[Protocol] = [MAIN_PROTOCOL],
+    full_data: FullDataSpec | None = None,
 ) -> Path:
     """Run a teacher x student (x IPC x selector x seed) matrix of FKD student fits; write CSV, Markdown and heatmap.
 
@@ -393,6 +388,12 @@ def matrix(
             ``inline`` (cells one after the other in this process: no start-up cost per cell, for small runs).
         heatmap_metric: what the heatmap shows, ``final_top1`` or ``best_top1`` (``matrix.md`` shows both).
         title: title of the Markdown file and the heatmap.
+        protocols: how the students learn: ``soft_aug`` (the protocol: the teacher's soft labels, RDED's
+            augmentation), and the fairness panel's ``soft_noaug``, ``hard_aug``, ``hard_noaug`` (hard labels: no
+            teacher; noaug: Resize + Normalize only). With more than ``soft_aug``, or with ``random_real`` among the
+            selectors, ``panel.csv`` / ``panel.md`` / ``panel.png`` are written too.
+        full_data: the full-data student of each student architecture for the panel's HLR and LRS (a
+            ``Classifier`` fit config on the real data; trained once and cached).
     """
     if launcher == "inline" and gpus is not None:
         raise ValueError("launcher='inline' runs cells one by one in this process; use 'subprocess' with gpus")
@@ -405,7 +406,7 @@ def matrix(
     check_prerequisites(teachers, ipcs, selectors, synthetic_dir)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells = plan_cells(out_dir, teachers, students, ipcs, selectors, seeds)
+    cells = plan_cells(out_dir, teachers, students, ipcs, selectors, seeds, protocols)
     devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
     settings = [cell_overrides(cell, None if batch_size == "base" else batch_size, synthetic_dir, devices, overrides)
                 for cell in cells]
@@ -454,8 +455,16 @@ def matrix(
     teacher_names = list(dict.fromkeys(t.title for t in teachers))
     student_names = list(dict.fromkeys(s.title for s in students))
     write_results(out_dir / "results.csv", finished)
-    write_markdown(out_dir / "matrix.md", finished, teacher_names, student_names, title)
-    write_heatmap(out_dir / "matrix.png", finished, teacher_names, student_names, heatmap_metric, title)
+    main = [row for row in finished if row["protocol"] == MAIN_PROTOCOL]
+    write_markdown(out_dir / "matrix.md", main, teacher_names, student_names, title)
+    write_heatmap(out_dir / "matrix.png", main, teacher_names, student_names, heatmap_metric, title)
+    if len(protocols) > 1 or RANDOM_REAL in selectors:
+        reference = {s.title: full_data_accuracy(full_data, s.name, s.kwargs, s.title) for s in students} \
+            if full_data is not None else {}
+        for name, accuracy in reference.items():
+            print(f"full-data student {name}: final top-1 {100 * accuracy:.1f} % (cached in {full_data.cache_dir})",
+                  flush=True)
+        write_panel(out_dir, finished, reference, title)
     failed = sum(row["status"] == "failed" for row in finished)
     print(f"{len(finished) - failed}/{len(cells)} cells finished, {failed} failed; results in {out_dir}", flush=True)
     if failed:
