@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from patchdd.data.toy import BOXES_FILE, box_overlap, load_boxes, write_toy_dataset
-from patchdd.formats.synthetic_folder import INFO_FILE, TILES_FILE, read_synthetic_folder
+from patchdd.formats.synthetic_folder import INFO_FILE, TILES_FILE, read_synthetic_folder, synthetic_classes
 from patchdd.training.zoo import find_run_checkpoint
 from patchdd.workflows.console import output_to
 from patchdd.workflows.distill import distill
@@ -253,7 +253,7 @@ def demo(
     panel = out_dir / "students" / "panel.md"
     panel_text = panel.read_text().partition("\n\n")[2] if panel.is_file() else ""
     costs = cost_ledger(ledger, out_dir / "students" / "results.csv", selectors, ipcs,
-                        len(read_synthetic_folder(syn_root / selectors[0] / f"ipc{ipcs[0]}").classes))
+                        len(synthetic_classes(syn_root / selectors[0] / f"ipc{ipcs[0]}")))
     (out_dir / "results.md").write_text(f"# Toy demo results\n\n{table}\n## Fairness panel\n\n{panel_text}\n"
                                         f"## Cost ledger\n\n{costs}")
     results_chart(accuracy, localisation, full_data, selectors, ipcs, out_dir / "results.png")

@@ -74,9 +74,9 @@ def write_panel(out_dir: Path, rows: list[dict], full_data: dict[str, float], ti
     panel_chart(rows, out_dir / "panel.png", title)
 
 
-def finals(rows: list[dict], **where) -> list[float]:
-    """The final top-1 of every finished run matching ``where``."""
-    return [float(r["final_top1"]) for r in rows if r["status"] == "done" and r["final_top1"] not in (None, "")
+def finals(rows: list[dict], metric: str = "final_top1", **where) -> list[float]:
+    """``metric`` (the final top-1 by default) of every finished run matching ``where``."""
+    return [float(r[metric]) for r in rows if r["status"] == "done" and r[metric] not in (None, "")
             and all(str(r[k]) == str(v) for k, v in where.items())]
 
 
@@ -120,9 +120,7 @@ def panel_markdown(rows: list[dict], full_data: dict[str, float]) -> str:
             for protocol in protocols:
                 values = finals(rows, ipc=ipc, selector=selector, student=student, protocol=protocol)
                 cells.append(format_cell(*seed_statistics(values), len(values), 0) if values else "–")
-            best = [float(r["best_top1"]) for r in rows if r["status"] == "done" and int(r["ipc"]) == ipc
-                    and r["selector"] == selector and r["student"] == student and r["protocol"] == "soft_aug"
-                    and r["best_top1"] not in (None, "")]
+            best = finals(rows, "best_top1", ipc=ipc, selector=selector, student=student, protocol="soft_aug")
             cells.append(format_cell(*seed_statistics(best), len(best), 0) if best else "–")
             scores = panel_scores(rows, ipc, selector, student, real_hard)
             cells += [f"{100 * scores[k]:+.1f}" if scores[k] is not None else "–" for k in ("HLR", "IOR")]
