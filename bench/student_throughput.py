@@ -8,7 +8,7 @@ Three ways to feed the same step (CutMix, teacher, student, AdamW):
   the device per batch (what a plain in-memory loader costs), then the same device augmentation;
 * ``pre-made``: already augmented, normalised float batches on the device: the ceiling.
 
-    python bench/student_throughput.py                      # GPU: R18 -> R18 / R50 / ViT-B at 224 px, bs 256, bf16
+    python bench/student_throughput.py      # GPU: R18 -> R18 / R50 / MBv2 / EffNet-B0 / Swin-T / ViT-B, 224 px, bs 256
     python bench/student_throughput.py --tiny               # CPU check with tiny ConvNets
 """
 
@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from patchdd.training.augment import AugmentOptions, augment_batch
 from patchdd.lightning_modules.student import FKDStudent
 
-GPU_PAIRS = [("tv:resnet18", "tv:resnet18"), ("tv:resnet18", "tv:resnet50"), ("tv:resnet18", "tv:vit_b_16")]
+STUDENTS = ["tv:resnet18", "tv:resnet50", "tv:mobilenet_v2", "tv:efficientnet_b0", "tv:swin_t", "tv:vit_b_16"]
+GPU_PAIRS = [("tv:resnet18", student) for student in STUDENTS]
 TINY_PAIRS = [("convnet_d3", "convnet_d3"), ("convnet_d3", "convnet_d4")]
 
 

@@ -1,8 +1,10 @@
-"""The callback that streams Stage I's rows into a score store, per rank, batch by batch.
+"""The callbacks that stream a ``predict`` pass into a store, per rank: Stage I's score store (``--store.*``) and
+D3HR's latent statistics store (``--stats.*``).
 
-Added to every LightningCLI command as ``--store.*``; it acts only in ``predict``. On setup it checks that an
-existing store was written with the same settings and data, and tells the data module which images are already
-scored, so a rerun after a crash or pre-emption scores only the rest; a new store is created with its first shard.
+Both are added to every LightningCLI command and act only in ``predict``, and only for the module that produces
+their kind of store (``output_store`` of the LightningModule). On setup a writer checks that an existing store was
+written with the same settings and data, and tells the data module which images it already holds, so a rerun after
+a crash or pre-emption does only the rest; a new store is created with its first shard.
 """
 
 from __future__ import annotations
@@ -10,13 +12,18 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from patchdd.formats.score_store import MANIFEST_FILE, Manifest, PatchTable, ScoreStore
+from patchdd.formats.latent_stats import ClassSums, LatentStatsStore
+from patchdd.formats.score_store import PatchTable, ScoreStore
+from patchdd.formats.stores import MANIFEST_FILE, Manifest, ManifestStore
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +38,109 @@ def code_version() -> str:
         return "unknown"
 
 
-def scoring_manifest(trainer: L.Trainer, pl_module: L.LightningModule) -> Manifest:
-    """The manifest of a scoring run: module + data settings, class mapping, how to reopen the images."""
+def store_manifest(trainer: L.Trainer, pl_module: L.LightningModule) -> Manifest:
+    """The manifest of a predict pass: module + data settings, class mapping, how to reopen the images."""
     datamodule = trainer.datamodule
     for name, owner in (("settings", pl_module), ("settings", datamodule), ("describe", datamodule)):
         if not hasattr(owner, name):
-            raise TypeError(f"ScoreStoreWriter needs {type(owner).__name__}.{name}() (use DiffusionScorer and "
-                            "ScoringDataModule)")
+            raise TypeError(f"a store writer needs {type(owner).__name__}.{name}() (use a scoring or inversion "
+                            "module with ScoringDataModule)")
     provenance = {"code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "precision": str(trainer.precision), "world_size": trainer.world_size}
     return Manifest(settings=pl_module.settings() | datamodule.settings(),
                     classes=datamodule.class_mapping.to_json(), data=datamodule.describe(), provenance=provenance)
 
 
-class ScoreStoreWriter(BasePredictionWriter):
+class BackgroundWrites:
+    """Shard writes on one background thread, so that the accelerator does not wait for Parquet encoding and the
+    file system; at most ``depth`` writes wait at a time (the next submit blocks), and an error in a write is
+    raised at the next submit or at :meth:`drain`."""
+
+    def __init__(self, depth: int = 4) -> None:
+        self.depth = depth
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: deque[Future] = deque()
+
+    def submit(self, function, *args) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        while len(self.pending) >= self.depth:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(function, *args))
+
+    def drain(self) -> None:
+        """Wait for every submitted write; raise the first error."""
+        while self.pending:
+            self.pending.popleft().result()
+
+
+class StoreWriter(BasePredictionWriter):
+    """Shared habits of the store writers (see the module's docstring); subclasses say which store and how a
+    prediction is written.
+
+    Args:
+        dir: the store directory (created if missing; an existing store is resumed after its settings are checked).
+    """
+
+    store_class: ClassVar[type[ManifestStore]]
+    produces: ClassVar[str]  # the ``output_store`` of the modules this writer serves
+    option: ClassVar[str]
+
+    def __init__(self, dir: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.dir = dir
+        self.store: ManifestStore | None = None
+        self.manifest: Manifest | None = None
+        self.writes = BackgroundWrites()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict" or getattr(pl_module, "output_store", None) != self.produces:
+            return  # another module predicts: this writer stays idle
+        if self.dir is None:  # the pass would run for hours and keep nothing
+            raise ValueError(f"set the {self.store_class.KIND} directory: {self.option} OUT")
+        self.manifest = store_manifest(trainer, pl_module)
+        if (Path(self.dir) / MANIFEST_FILE).is_file():
+            self.store = self.store_class.create_or_check(self.dir, self.manifest)
+            done = self.store.done_ids()
+            trainer.datamodule.exclude(done)
+            if done and trainer.is_global_zero:
+                log.info("%s %s already holds %d images; doing the rest", self.store_class.KIND, self.dir, len(done))
+        trainer.strategy.barrier("store-read")  # every rank has read the store before any rank writes
+        # The results live on disk; keeping them for trainer.predict's return value would grow with the dataset.
+        trainer.predict_loop.return_predictions = False
+
+    def open_store(self) -> ManifestStore:
+        """The store, created with the first write (everything was validated by then)."""
+        if self.store is None:
+            self.store = self.store_class.create_or_check(self.dir, self.manifest)
+        return self.store
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        if self.manifest is None:
+            return
+        self.add(prediction, trainer.global_rank)
+        if trainer.received_sigterm:  # Lightning's predict loop does not stop on SIGTERM by itself
+            self.flush(trainer.global_rank)
+            self.writes.drain()
+            raise SIGTERMException
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.manifest is not None:
+            self.flush(trainer.global_rank)
+            self.writes.drain()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.writes.drain()  # what was computed before the failure is kept
+
+    def add(self, prediction, rank: int) -> None:
+        raise NotImplementedError
+
+    def flush(self, rank: int) -> None:
+        """Write what is buffered (nothing for a writer that writes every batch)."""
+
+
+class ScoreStoreWriter(StoreWriter):
     """Append every predicted batch's rows to the score store in ``dir`` (one shard per batch and rank).
 
     An existing store is checked (settings, classes, data fingerprint) in ``setup`` and its images are left out;
@@ -52,42 +148,46 @@ class ScoreStoreWriter(BasePredictionWriter):
     misspelled prior, an empty class folder) leaves no store behind. On SIGTERM (SLURM pre-emption) the pass stops
     after the batch in hand, everything scored so far kept; the same command resumes it.
 
+    Shards are written on a background thread while the next batch is computed (at most 4 wait at a time).
+
     Args:
         dir: the store directory (created if missing; an existing store is resumed after its settings are checked).
             Required when predicting with a scorer; other modules predict with the writer idle.
     """
 
-    def __init__(self, dir: str | None = None) -> None:
-        super().__init__(write_interval="batch")
-        self.dir = dir
-        self.store: ScoreStore | None = None
-        self.manifest: Manifest | None = None
+    store_class, produces, option = ScoreStore, "scores", "--store.dir"
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "predict":
-            return
-        if self.dir is None:
-            if hasattr(pl_module, "settings"):  # a scorer without a store would run for hours and keep nothing
-                raise ValueError("set the score store directory: --store.dir OUT")
-            return  # predicting with another module: the writer stays idle
-        self.manifest = scoring_manifest(trainer, pl_module)
-        if (Path(self.dir) / MANIFEST_FILE).is_file():
-            self.store = ScoreStore.create_or_check(self.dir, self.manifest)
-            done = self.store.scored_ids()
-            trainer.datamodule.exclude(done)
-            if done and trainer.is_global_zero:
-                log.info("score store %s already holds %d images; scoring the rest", self.dir, len(done))
-        trainer.strategy.barrier("score-store-read")  # every rank has read the store before any rank writes
-        # The rows live on disk; keeping them for trainer.predict's return value would grow with the dataset.
-        trainer.predict_loop.return_predictions = False
-
-    def write_on_batch_end(self, trainer, pl_module, prediction: PatchTable, batch_indices, batch, batch_idx: int,
-                           dataloader_idx: int = 0) -> None:
-        if self.manifest is None:
-            return
+    def add(self, prediction: PatchTable, rank: int) -> None:
         if len(prediction):
-            if self.store is None:  # the first rows of a new store: everything was validated by now
-                self.store = ScoreStore.create_or_check(self.dir, self.manifest)
-            self.store.append(prediction, trainer.global_rank)
-        if trainer.received_sigterm:  # Lightning's predict loop does not stop on SIGTERM by itself
-            raise SIGTERMException
+            self.writes.submit(self.open_store().append, prediction, rank)
+
+
+class LatentStatsWriter(StoreWriter):
+    """Sum every predicted batch's inverted latents per class into the latent statistics store in ``dir``.
+
+    Sums are buffered and written as one shard per ``flush_images`` images and rank (and at the end, and on
+    SIGTERM); a crash loses at most the buffer, and the same command resumes with the images not yet summed.
+
+    Args:
+        dir: the store directory (created if missing; an existing store is resumed after its settings are checked).
+            Required when predicting with an inverter; other modules predict with the writer idle.
+        flush_images: images summed in memory before a shard is written.
+    """
+
+    store_class, produces, option = LatentStatsStore, "latent_stats", "--stats.dir"
+
+    def __init__(self, dir: str | None = None, flush_images: int = 4096) -> None:
+        super().__init__(dir)
+        self.flush_images = flush_images
+        self.pending, self.pending_ids = ClassSums.empty(), []
+
+    def add(self, prediction: tuple[ClassSums, list[str]], rank: int) -> None:
+        sums, image_ids = prediction
+        self.pending, self.pending_ids = self.pending + sums, self.pending_ids + list(image_ids)
+        if len(self.pending_ids) >= self.flush_images:
+            self.flush(rank)
+
+    def flush(self, rank: int) -> None:
+        if self.pending_ids:
+            self.writes.submit(self.open_store().append, self.pending, self.pending_ids, rank)
+            self.pending, self.pending_ids = ClassSums.empty(), []

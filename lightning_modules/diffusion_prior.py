@@ -30,7 +30,26 @@ from patchdd.priors.objectives import (LOSS_WEIGHTINGS, candidate_prompts, class
 from patchdd.priors.sd import StableDiffusionPrior, build_prior, encode_latents, encode_prompts, save_prior
 
 
-class DiffusionPrior(L.LightningModule):
+class PriorExport:
+    """Mixin of the prior trainers: the class mapping travels in checkpoints, and at the end of ``fit`` the prior is
+    written to ``hparams.export_dir`` with the trainer's ``save_prior(out)``."""
+
+    class_mapping: ClassMapping | None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["class_mapping"] = self.class_mapping.to_json() if self.class_mapping else None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        mapping = checkpoint.get("class_mapping")
+        self.class_mapping = ClassMapping.from_json(mapping) if mapping else None
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            out = self.save_prior(self.hparams.export_dir)
+            print(f"saved the prior to {out} ({folder_size_mb(out):.1f} MB)")
+
+
+class DiffusionPrior(PriorExport, L.LightningModule):
     """Text-conditioned latent diffusion prior: epsilon-prediction DDPM training on class prompts.
 
     Args:
@@ -230,18 +249,6 @@ class DiffusionPrior(L.LightningModule):
         lambdas = [lambda step: min(1.0, max(0, step + 1 - start) / warmup), lambda step: 1.0][: len(groups)]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["class_mapping"] = self.class_mapping.to_json() if self.class_mapping else None
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        mapping = checkpoint.get("class_mapping")
-        self.class_mapping = ClassMapping.from_json(mapping) if mapping else None
-
-    def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            out = self.save_prior(self.hparams.export_dir)
-            print(f"saved the diffusion prior to {out} ({folder_size_mb(out):.1f} MB)")
 
     def save_prior(self, out: str | Path) -> Path:
         """Write the prior in the SD layout, with the class mapping it was trained on."""

@@ -14,7 +14,7 @@ import torch
 
 from patchdd.data.scoring_images import ScoringBatch
 from patchdd.formats.score_store import PatchTable
-from patchdd.priors.sd import DEFAULT_PRIOR, StableDiffusionPrior, load_prior
+from patchdd.priors.sd import DEFAULT_PRIOR, StableDiffusionPrior, load_prior, up_block_features
 from patchdd.scoring.relevance import (NoisePredictor, crop_and_resize, dift_vectors, draw_image_noise, empty_rows,
                                        keep_patches, patch_rows, patch_window, pool_scores, predict_noise,
                                        relevance_score_map, stable_seed)
@@ -40,9 +40,11 @@ class DiffusionScorer(L.LightningModule):
         dift_ensemble: noise draws averaged per DIFT feature (DIFT's default: 8).
         dift_prompt: ``class`` (the class prompt) or ``null`` for the DIFT pass.
         dift_batch_size: UNet rows per DIFT call (patches x ensemble are chunked by this).
-        compile: ``torch.compile`` the scoring UNet calls.
+        compile: ``torch.compile`` the scoring UNet calls and the truncated DIFT pass.
         channels_last: run the UNet in channels-last memory format (measured slower for SD's UNet on H100).
     """
+
+    output_store = "scores"  # what ScoreStoreWriter (--store.dir) writes
 
     def __init__(self, prior: str = DEFAULT_PRIOR, revision: str | None = None, patch_size: int | None = 224,
                  num_draws: int = 8, t_range: tuple[float, float] = (0.1, 0.7), stratified_t: bool = False,
@@ -69,6 +71,7 @@ class DiffusionScorer(L.LightningModule):
         self.prior: StableDiffusionPrior | None = None
         self.prompt_embeddings: torch.Tensor | None = None  # (C + 1, L, D): class prompts, then the null prompt
         self._predict_noise: NoisePredictor | None = None
+        self._dift_features = up_block_features
         self._noise_unet_id: int | None = None  # id of the UNet _predict_noise calls
 
     def settings(self) -> dict:
@@ -100,6 +103,7 @@ class DiffusionScorer(L.LightningModule):
             return predict_noise(unet, sample, timesteps, embeddings)
 
         self._predict_noise = torch.compile(forward) if self.compile else forward
+        self._dift_features = torch.compile(up_block_features) if self.compile else up_block_features
         self._noise_unet_id = id(unet)
 
     def on_predict_start(self) -> None:
@@ -111,19 +115,19 @@ class DiffusionScorer(L.LightningModule):
     def score_maps(self, latents: torch.Tensor, labels: torch.Tensor, image_ids: Sequence[str]) -> torch.Tensor:
         """Score maps (B, h, w) of a batch of latents (higher = more class-relevant)."""
         timesteps, noise = draw_image_noise(image_ids, self.seed, self.num_draws, latents.shape[1:], self.t_range,
-                                            self.prior.num_train_timesteps, self.stratified_t)
+                                            self.prior.num_train_timesteps, self.stratified_t, latents.device)
         cond = self.prompt_embeddings[labels]
         null = self.prompt_embeddings[-1:].expand_as(cond)
-        return relevance_score_map(self._predict_noise, self.prior.add_noise, latents, cond, null,
-                                   timesteps.to(latents.device), noise.to(latents))
+        return relevance_score_map(self._predict_noise, self.prior.add_noise, latents, cond, null, timesteps,
+                                   noise.to(latents.dtype))
 
     def patch_features(self, patches: torch.Tensor, labels: torch.Tensor,
                        keys: Sequence[tuple[str, int]]) -> torch.Tensor:
         """DIFT vectors of the kept patches; each patch's noise is seeded by (seed, image id, patch rank)."""
-        generators = [torch.Generator().manual_seed(stable_seed(self.seed, "dift", *key)) for key in keys]
+        seeds = [stable_seed(self.seed, "dift", *key) for key in keys]
         index = labels if self.dift_prompt == "class" else torch.full_like(labels, len(self.prompt_embeddings) - 1)
-        return dift_vectors(self.prior, patches, self.prompt_embeddings[index], generators, self.dift_timestep,
-                            self.dift_up_block, self.dift_ensemble, self.dift_batch_size)
+        return dift_vectors(self.prior, patches, self.prompt_embeddings[index], seeds, self.dift_timestep,
+                            self.dift_up_block, self.dift_ensemble, self.dift_batch_size, self._dift_features)
 
     def predict_step(self, batch: ScoringBatch, batch_idx: int = 0) -> PatchTable:
         """Rows of the score store for one batch: one per (image, kept patch)."""

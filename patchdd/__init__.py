@@ -7,6 +7,7 @@ The public API a notebook needs, imported on first use (``import patchdd`` itsel
     images, picks = patchdd.synthetic_set("runs/demo/scores", ipc=10, classes="all",
                                           synthesis=patchdd.SynthesisOptions(selector="diffusion"))
     patchdd.distill("runs/demo/scores", "runs/syn/toy", ipc=[1, 10])           # export PNG ImageFolders
+    patchdd.generate("d3hr", "runs/syn/d3hr", "assets/toy_dit", ipc=[10], stats="runs/demo/d3hr_stats")
     model = patchdd.build_model("resnet18", num_classes=10)                   # the model zoo
     patchdd.matrix(out=..., base=[...], teachers=[...], students=[...])       # teacher x student matrices
 
@@ -39,6 +40,13 @@ _API = {
     "write_toy_dataset": "patchdd.data.toy",
     "load_prior": "patchdd.priors.sd",
     "build_prior": "patchdd.priors.sd",
+    "load_dit_prior": "patchdd.priors.dit",
+    "build_dit_prior": "patchdd.priors.dit",
+    "LatentStatsStore": "patchdd.formats.latent_stats",
+    "SamplingOptions": "patchdd.generation.plan",
+    "D3HROptions": "patchdd.generation.plan",
+    "group_sample": "patchdd.generation.group_sampling",
+    "generate": "patchdd.workflows.generate",
     "build_model": "patchdd.training.zoo",
     "distill": "patchdd.workflows.distill",
     "matrix": "patchdd.workflows.matrix",

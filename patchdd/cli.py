@@ -23,6 +23,7 @@ from patchdd.errors import one_line
 COMMANDS = {
     "toydata": "patchdd.data.toy:write_toy_dataset",
     "distill": "patchdd.workflows.distill:distill",
+    "generate": "patchdd.workflows.generate:generate",
     "matrix": "patchdd.workflows.matrix:matrix",
     "demo": "patchdd.workflows.demo:demo",
 }

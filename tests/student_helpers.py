@@ -72,6 +72,17 @@ class SquaresData(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_batch)
 
 
+def make_student(teacher_path, **kwargs):
+    """A ConvNet-D2 FKD student of a ConvNet-D2 teacher on the squares (32 px)."""
+    from patchdd.lightning_modules.student import FKDStudent
+    from patchdd.training.augment import AugmentOptions
+
+    options = dict(teacher="convnet_d2", student="convnet_d2", num_classes=4, teacher_checkpoint=str(teacher_path),
+                   teacher_kwargs={"width": 16}, student_kwargs={"width": 16}, model_image_size=SIZE,
+                   augment=AugmentOptions(image_size=SIZE), lr=3e-3)
+    return FKDStudent(**{**options, **kwargs})
+
+
 def train_teacher(path: Path, name: str = "convnet_d2", width: int = 16, steps: int = 60) -> Path:
     """A ConvNet trained with cross-entropy on coloured squares, saved as a state dict."""
     torch.manual_seed(0)

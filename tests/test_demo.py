@@ -36,24 +36,32 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
         "model.init_args.num_draws": 2, "model.init_args.dift_ensemble": 1, "data.init_args.num_workers": 0})
     student = _reduced("configs/student/toy.yaml", tmp_path, {"data.init_args.real.init_args.num_workers": 0,
                                                               "model.init_args.min_teacher_top1": 0})  # 1-epoch teacher
+    invert = _reduced("configs/invert/toy_d3hr.yaml", tmp_path, {
+        "model.init_args.steps": 10, "data.init_args.num_workers": 0})
+    generators = {"dit": _reduced("configs/generate/toy_dit.yaml", tmp_path, {"sampling.steps": 10}),
+                  "d3hr": _reduced("configs/generate/toy_d3hr.yaml", tmp_path, {
+                      "sampling.steps": 10, "d3hr.candidates": 128, "d3hr.block_size": 64})}
     out = tmp_path / "demo"
     kwargs = dict(out=str(out), data=str(data), prior=str(prior), teacher_config=teacher, score_config=score,
                   student_configs=["configs/student/rded_defaults.yaml", student], ipcs=[1, 2],
-                  selectors=["diffusion", "random", "rded", "random_real"], seeds=[0, 1], student_epochs=2,
-                  protocols=["soft_aug", "hard_aug"])
+                  selectors=["diffusion", "random", "rded", "random_real"], invert_config=invert,
+                  generators=generators, seeds=[0, 1], student_epochs=2, protocols=["soft_aug", "hard_aug"])
 
     table = demo(**kwargs).read_text()
 
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     main = rows[:rows.index(next(r for r in rows if FULL_DATA_ROW in r)) + 1]
-    assert [row.split("|")[1].strip() for row in main] == ["diffusion", "random", "rded", "random_real", FULL_DATA_ROW]
-    for row in main[:4]:
+    assert [row.split("|")[1].strip() for row in main] == ["diffusion", "random", "rded", "random_real", "dit", "d3hr",
+                                                           FULL_DATA_ROW]
+    for row in main[:6]:
         cells = [c.strip() for c in row.split("|")[2:-1]]
         assert len(cells) == 4 and all(c and c != "failed" for c in cells), row
         assert "±" in cells[0] and "±" in cells[1]  # two seeds: mean ± std
+    assert "generated" in main[5] and "generated" not in main[0]  # no source patches to localise
     for name in ("results.png", "contact_sheet.png", "results.json"):
         assert (out / name).stat().st_size > 0
-    assert len(list((out / "students").rglob("summary.json"))) == 2 * 4 * 2 * 2  # IPCs x methods x seeds x protocols
+    assert len(list((out / "students").rglob("summary.json"))) == 2 * 6 * 2 * 2  # IPCs x methods x seeds x protocols
+    assert "| generation (d3hr) |" in table and "D3HR inversion statistics" in table
     assert "## Fairness panel" in table and "## Cost ledger" in table
     panel = next(line for line in table.splitlines() if line.startswith("| diffusion |") and "LRS" not in line
                  and line.count("|") > 8)
@@ -66,7 +74,7 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
     results = table.partition("## Cost ledger")[0]
     assert again.partition("## Cost ledger")[0] == results  # the same results; the ledger says what ran this time
     assert "done before" in again.partition("## Cost ledger")[2]
-    assert len(list((out / "students").rglob("summary.json"))) == 32
+    assert len(list((out / "students").rglob("summary.json"))) == 48
     assert (out / "students" / "results.csv").stat().st_mtime >= stamp
 
 

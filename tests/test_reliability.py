@@ -82,7 +82,7 @@ def test_resuming_a_store_on_other_data_is_a_mismatch_naming_the_difference(prio
     Image.new("RGB", (96, 64)).save(first / "train" / "dog" / "2.png")  # same name, other file (a resized copy)
     with pytest.raises(StoreMismatchError, match="class dog: same image count, other files"):
         run_predict(prior_dir, first, tmp_path / "store")
-    assert len(ScoreStore.open(tmp_path / "store").scored_ids()) == 6  # nothing was mixed in
+    assert len(ScoreStore.open(tmp_path / "store").done_ids()) == 6  # nothing was mixed in
 
 
 def test_a_failed_first_run_leaves_no_store_behind(prior_dir, tmp_path) -> None:
@@ -95,7 +95,7 @@ def test_a_failed_first_run_leaves_no_store_behind(prior_dir, tmp_path) -> None:
         run_predict(tmp_path / "no_such_prior", root, tmp_path / "store")
     assert not (tmp_path / "store" / MANIFEST_FILE).exists()
     run_predict(prior_dir, root, tmp_path / "store")  # the corrected command just runs
-    assert len(ScoreStore.open(tmp_path / "store").scored_ids()) == 6
+    assert len(ScoreStore.open(tmp_path / "store").done_ids()) == 6
 
 
 def test_a_garbage_manifest_is_a_store_error(tmp_path) -> None:
@@ -119,9 +119,9 @@ def test_sigterm_stops_scoring_after_the_current_batch_and_keeps_it(prior_dir, t
                         enable_model_summary=False)
     with pytest.raises(SystemExit):
         trainer.predict(scorer(prior_dir), datamodule=scoring_data(root), return_predictions=False)
-    assert len(ScoreStore.open(tmp_path / "store").scored_ids()) == 2  # one batch of 2, no more
+    assert len(ScoreStore.open(tmp_path / "store").done_ids()) == 2  # one batch of 2, no more
     run_predict(prior_dir, root, tmp_path / "store")  # the same command resumes
-    assert len(ScoreStore.open(tmp_path / "store").scored_ids()) == 6
+    assert len(ScoreStore.open(tmp_path / "store").done_ids()) == 6
 
 
 def test_ddp_resume_with_fewer_pending_images_than_ranks(prior_dir, tmp_path) -> None:
@@ -130,10 +130,10 @@ def test_ddp_resume_with_fewer_pending_images_than_ranks(prior_dir, tmp_path) ->
     run_predict(prior_dir, root, tmp_path / "store", batch_size=1)  # one shard per image
     store = ScoreStore.open(tmp_path / "store")
     store.shard_paths()[-1].unlink()
-    assert len(store.scored_ids()) == 5
+    assert len(store.done_ids()) == 5
     run_predict(prior_dir, root, tmp_path / "store", batch_size=1,
                 trainer_kwargs={"devices": 2, "strategy": "ddp_fork", "use_distributed_sampler": False})
-    assert len(store.scored_ids()) == 6  # the missing image, once (2 patches per image, none written twice):
+    assert len(store.done_ids()) == 6  # the missing image, once (2 patches per image, none written twice):
     assert raw_row_count(tmp_path / "store") == len(store.read()) == 12
 
 

@@ -5,6 +5,7 @@ Everything runs on the CPU with the tiny random SD of ``tests/tiny_sd.py`` saved
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -201,19 +202,20 @@ def test_boxes_map_back_to_original_pixels_for_non_square_images():
 
 class OracleUNet(torch.nn.Module):
     """A noise predictor whose class-conditional prediction is exact only inside ``mask``; elsewhere, and for
-    the null prompt, it predicts half the true noise. It wraps the tiny UNet (run first, so DIFT's hook fires)."""
+    the null prompt, it predicts half the true noise. Every other attribute is the tiny UNet's, so DIFT's
+    truncated pass runs the real blocks."""
 
     def __init__(self, inner, scheduler, clean: torch.Tensor, mask: torch.Tensor, null_embedding: torch.Tensor):
         super().__init__()
         self.inner, self.scheduler, self.clean, self.mask, self.null = inner, scheduler, clean, mask, null_embedding
-        self.up_blocks = inner.up_blocks
 
-    @property
-    def dtype(self):
-        return self.inner.dtype
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
 
     def forward(self, sample, timesteps, encoder_hidden_states, return_dict=False):
-        self.inner(sample, timesteps, encoder_hidden_states=encoder_hidden_states)
         abar = self.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1).float()
         eps = (sample - abar.sqrt() * self.clean) / (1 - abar).sqrt()
         # the null prompt's embedding (equal up to float rounding across batch sizes; class prompts differ by ~1)
@@ -257,21 +259,28 @@ def test_prior_loads_frozen_from_an_sd_folder(prior_dir, prior):
     assert not prior.unet.training and not prior.vae.training
 
 
-def test_dift_features_stop_after_the_chosen_up_block(prior):
-    sample, t = torch.randn(2, 4, 8, 8), torch.tensor([160, 160])
-    emb = prior.encode_prompts(["An image of cat", "An image of dog"])
+@pytest.mark.parametrize("which", ["tiny", "toy"])
+def test_dift_features_are_the_full_passs_up_block_output_and_stop_there(prior, which):
+    """The truncated forward equals what the full UNet pass computes at up_blocks[k], and never runs conv_out; the
+    toy prior's UNet adds the pooled prompt to the time embedding (``addition_embed_type: text``)."""
+    loaded = prior if which == "tiny" else load_prior(str(Path(__file__).parents[1] / "assets" / "toy_prior"))
+    unet, side = loaded.unet, 8 if which == "tiny" else 16
+    sample, t = torch.randn(2, 4, side, side), torch.tensor([160, 400])
+    emb = loaded.encode_prompts(["An image of cat", "An image of dog"])
     seen = {}
-    handles = [prior.unet.up_blocks[0].register_forward_hook(lambda m, i, o: seen.setdefault("up0", o)),
-               prior.unet.conv_out.register_forward_hook(lambda m, i, o: seen.setdefault("conv_out", o))]
+    handles = [unet.up_blocks[k].register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
+               for k in range(2)] + [unet.conv_out.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))]
     try:
-        features = up_block_features(prior.unet, sample, t, emb, up_block=0)
-        assert "conv_out" not in seen  # the rest of the UNet never ran
-        torch.testing.assert_close(features, seen["up0"][0] if isinstance(seen["up0"], tuple) else seen["up0"])
-        assert features.shape == (2, 32, 8, 8)  # up_blocks[0]: 32 channels, upsampled back to the latent size
+        with torch.no_grad():
+            unet(sample, t, encoder_hidden_states=emb)
+            full = {k: seen[k] for k in range(2)}
+            seen.clear()
+            for k in range(2):
+                torch.testing.assert_close(up_block_features(unet, sample, t, emb, up_block=k), full[k])
+        assert "out" not in seen  # the rest of the UNet never ran
     finally:
         for handle in handles:
             handle.remove()
-    prior.unet(sample, t, encoder_hidden_states=emb)  # hooks are gone: a full pass runs normally
 
 
 def test_offline_hub_id_is_one_clear_error(monkeypatch):
@@ -360,6 +369,7 @@ class CrashingWriter(ScoreStoreWriter):
 
     def write_on_batch_end(self, *args, **kwargs) -> None:
         super().write_on_batch_end(*args, **kwargs)
+        self.writes.drain()
         if len(self.store.shard_paths()) == 2:
             raise RuntimeError("simulated crash")
 
@@ -368,7 +378,7 @@ def test_a_killed_run_resumes_to_the_same_store(prior_dir, image_root, tmp_path)
     run_predict(prior_dir, image_root, tmp_path / "whole")
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_predict(prior_dir, image_root, tmp_path / "resumed", writer_cls=CrashingWriter)
-    partial = ScoreStore.open(tmp_path / "resumed").scored_ids()
+    partial = ScoreStore.open(tmp_path / "resumed").done_ids()
     assert 0 < len(partial) < 2 * len(SIZES)
     run_predict(prior_dir, image_root, tmp_path / "resumed")
     assert_same_store(tmp_path / "whole", tmp_path / "resumed")  # the rerun scored only the rest
@@ -405,3 +415,10 @@ def test_scoring_without_a_store_directory_is_an_error(prior_dir, image_root):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[ScoreStoreWriter()])
     with pytest.raises(ValueError, match="--store.dir"):
         trainer.predict(scorer(prior_dir), datamodule=scoring_data(image_root), return_predictions=False)
+
+
+def test_image_noise_on_the_cpu_is_the_stores_format():
+    """Pinned values: a change here changes every CPU-scored store (a format bump, not a refactoring)."""
+    timesteps, noise = draw_image_noise(["a/1.jpg", "b/2.jpg"], 0, 8, (4, 8, 10), (0.1, 0.7), 1000)
+    assert timesteps.tolist() == [[606, 595, 129, 265, 614, 376, 684, 263], [664, 238, 375, 408, 522, 508, 175, 402]]
+    assert hashlib.sha256(noise.numpy().tobytes()).hexdigest()[:16] == "615455bc245608d5"

@@ -33,7 +33,7 @@ from patchdd.datamodules.callbacks import RDEDValidationSchedule
 from patchdd.lightning_modules.student import FKDStudent
 from patchdd.training.kd import kd_kl_loss, learning_rate_for, lr_factor, rded_batch_size, rded_validates
 from patchdd.training.optim import weight_decay_groups
-from student_helpers import CLASSES, SIZE, SquaresData, train_teacher
+from student_helpers import CLASSES, SIZE, SquaresData, make_student, train_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -174,13 +174,6 @@ def test_cutmix_pastes_one_box_of_a_partner_and_mixup_blends():
         assert len(values) == 1  # the pasted box comes from one partner image
     blended = mixup(images, alpha=0.8)
     assert ((blended >= 0) & (blended <= 7)).all() and not torch.equal(blended, images)
-
-
-def make_student(teacher_path, **kwargs) -> FKDStudent:
-    options = dict(teacher="convnet_d2", student="convnet_d2", num_classes=4, teacher_checkpoint=str(teacher_path),
-                   teacher_kwargs={"width": 16}, student_kwargs={"width": 16}, model_image_size=SIZE,
-                   augment=AugmentOptions(image_size=SIZE), lr=3e-3)
-    return FKDStudent(**{**options, **kwargs})
 
 
 class LossRecorder(L.Callback):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -33,12 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from patchdd.errors import StoreError, StoreMismatchError
+from patchdd.formats.stores import MANIFEST_FILE, Manifest, ManifestStore  # noqa: F401 (Manifest, MANIFEST_FILE re-exported)
 
 FORMAT_NAME = "patchdd-score-store"
 FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-SHARD_DIR = "shards"
 
 SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -83,21 +80,25 @@ class PatchTable:
         )
 
     def to_arrow(self) -> pa.Table:
+        """The rows as an Arrow table, built column-wise from flat arrays (no per-row Python objects)."""
         if self.score_maps and len(self.score_maps) != len(self):
             raise ValueError("score_maps must hold one map per row")
         maps = self.score_maps or [np.zeros((0, 0), np.float32)] * len(self)
+        shapes = np.asarray([m.shape for m in maps], np.int32).reshape(-1, 2)
+        map_values = np.concatenate([m.ravel() for m in maps]) if maps else np.zeros(0, np.float32)
+        features = np.asarray(self.features, np.float16).reshape(len(self), -1)
         return pa.table({
             "image_id": pa.array([str(i) for i in self.image_ids], pa.string()),
             "label": pa.array(self.labels, pa.int32()),
             "width": pa.array(self.sizes[:, 0], pa.int32()),
             "height": pa.array(self.sizes[:, 1], pa.int32()),
             "patch": pa.array(self.patch_index, pa.int16()),
-            "box": pa.array([list(map(int, b)) for b in self.boxes], pa.list_(pa.int32(), 4)),
+            "box": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(self.boxes, np.int32).ravel()), 4),
             "score": pa.array(self.scores, pa.float32()),
-            "map_height": pa.array([m.shape[0] for m in maps], pa.int32()),
-            "map_width": pa.array([m.shape[1] for m in maps], pa.int32()),
-            "score_map": pa.array([m.astype(np.float16).ravel() for m in maps], pa.list_(pa.float16())),
-            "feature": pa.array(list(self.features.astype(np.float16)), pa.list_(pa.float16())),
+            "map_height": pa.array(shapes[:, 0], pa.int32()),
+            "map_width": pa.array(shapes[:, 1], pa.int32()),
+            "score_map": list_array(map_values.astype(np.float16), shapes.prod(axis=1)),
+            "feature": list_array(features.ravel(), np.full(len(self), features.shape[1])),
         }, schema=SCHEMA)
 
     @classmethod
@@ -128,6 +129,12 @@ class PatchTable:
         return cls(**joined, score_maps=[m for t in tables for m in t.score_maps])
 
 
+def list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """An Arrow list column from its flat values and the length of each row."""
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
 def _list_column(table: pa.Table, name: str, n: int) -> np.ndarray | list[np.ndarray]:
     """A list column as a 2-D float32 array when its rows have equal length, else a list of arrays."""
     column = table.column(name).combine_chunks()
@@ -141,115 +148,16 @@ def _list_column(table: pa.Table, name: str, n: int) -> np.ndarray | list[np.nda
     return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-@dataclass
-class Manifest:
-    """What a store holds and how it was made. ``settings`` decide compatibility; the rest is provenance."""
-
-    settings: dict
-    classes: dict  # ClassMapping.to_json()
-    data: dict  # how to reopen the images: data module class path, init args, split
-    provenance: dict = field(default_factory=dict)  # code version, creation time, ... (not compared)
-    format: str = FORMAT_NAME
-    version: int = FORMAT_VERSION
-
-    def to_json(self) -> dict:
-        return {"format": self.format, "version": self.version, "settings": self.settings,
-                "classes": self.classes, "data": self.data, "provenance": self.provenance}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Manifest":
-        if data.get("format") != FORMAT_NAME:
-            raise StoreError(f"not a {FORMAT_NAME} manifest (format={data.get('format')!r})")
-        if data.get("version") != FORMAT_VERSION:
-            raise StoreError(f"store format version {data.get('version')} is not supported (this code reads "
-                             f"version {FORMAT_VERSION}); rescore or use a matching release")
-        return cls(data["settings"], data["classes"], data["data"], data.get("provenance", {}))
-
-
-def settings_difference(stored: dict, requested: dict) -> list[str]:
-    """Human-readable differences between two settings dicts (empty when they agree)."""
-    keys = sorted(set(stored) | set(requested))
-    return [f"{k}: store has {stored.get(k)!r}, requested {requested.get(k)!r}"
-            for k in keys if _plain(stored.get(k)) != _plain(requested.get(k))]
-
-
-def fingerprint_difference(stored: dict | None, current: dict) -> list[str]:
-    """What differs between the data a store was scored on and the data given now (root, then class by class:
-    image counts, or the files themselves: names and sizes)."""
-    if stored is None:
-        return ["data: the store records no data fingerprint (written by an older release); score into a new store"]
-    diff = []
-    if stored.get("root") != current.get("root"):
-        diff.append(f"data root: store has {stored.get('root')!r}, requested {current.get('root')!r}")
-    old, new = stored.get("classes", {}), current.get("classes", {})
-    for folder in sorted(set(old) | set(new)):
-        (count_a, hash_a), (count_b, hash_b) = old.get(folder, (0, "")), new.get(folder, (0, ""))
-        if count_a != count_b:
-            diff.append(f"class {folder}: {count_a} images in the store's data, {count_b} now")
-        elif hash_a != hash_b:
-            diff.append(f"class {folder}: same image count, other files (names or sizes differ)")
-    return diff[:10] + ([f"... and {len(diff) - 10} more differences"] if len(diff) > 10 else [])
-
-
-def _plain(value):
-    """JSON round trip, so that tuples and lists compare equal."""
-    return json.loads(json.dumps(value))
-
-
-class ScoreStore:
+class ScoreStore(ManifestStore):
     """A score store directory: create or check its manifest, append shards, read rows back."""
 
-    def __init__(self, directory: str | Path, manifest: Manifest) -> None:
-        self.directory = Path(directory)
-        self.manifest = manifest
-
-    @classmethod
-    def open(cls, directory: str | Path) -> "ScoreStore":
-        """An existing store (complete or partial)."""
-        path = Path(directory) / MANIFEST_FILE
-        if not path.is_file():
-            raise StoreError(f"no score store at {directory} (missing {MANIFEST_FILE})")
-        try:
-            return cls(directory, Manifest.from_json(json.loads(path.read_text())))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise StoreError(f"the score store manifest {path} is unreadable ({type(err).__name__}: {err}); "
-                             "it is not a store this suite wrote, or it was damaged") from None
-
-    @classmethod
-    def create_or_check(cls, directory: str | Path, manifest: Manifest) -> "ScoreStore":
-        """Create a store, or reopen an existing one after checking that its settings and classes match."""
-        directory = Path(directory)
-        if (directory / MANIFEST_FILE).is_file():
-            store = cls.open(directory)
-            store.check(manifest.settings, manifest.classes, manifest.data.get("fingerprint"))
-            return store
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / SHARD_DIR).mkdir(exist_ok=True)
-        _atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest.to_json(), indent=1))
-        return cls(directory, manifest)
-
-    def check(self, settings: dict, classes: dict | None = None, fingerprint: dict | None = None) -> None:
-        """Raise :class:`StoreMismatchError` when the store was made with other settings, classes or data."""
-        diff = settings_difference(self.manifest.settings, settings)
-        if classes is not None and _plain(classes) != _plain(self.manifest.classes):
-            diff.append("classes: the store's class list differs from the requested one")
-        if fingerprint is not None:
-            diff += fingerprint_difference(self.manifest.data.get("fingerprint"), fingerprint)
-        if diff:
-            raise StoreMismatchError(f"score store {self.directory} was written with other settings:\n  "
-                                     + "\n  ".join(diff))
-
-    def shard_paths(self) -> list[Path]:
-        return sorted((self.directory / SHARD_DIR).glob("*.parquet"))
+    FORMAT_NAME, FORMAT_VERSION, KIND = FORMAT_NAME, FORMAT_VERSION, "score store"
 
     def append(self, rows: PatchTable, rank: int = 0) -> Path:
         """Write ``rows`` as a new shard of ``rank``, atomically (a crash leaves no partial shard)."""
-        shard_dir = self.directory / SHARD_DIR
-        shard_dir.mkdir(exist_ok=True)
-        seq = len(list(shard_dir.glob(f"rank{rank}-*.parquet")))
-        path = shard_dir / f"rank{rank}-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        path = self.new_shard_path(rank)
         tmp = path.with_suffix(".tmp")
-        pq.write_table(rows.to_arrow(), tmp)
+        pq.write_table(rows.to_arrow(), tmp, use_dictionary=False)  # ids and floats: dictionaries only cost time
         os.replace(tmp, path)
         return path
 
@@ -270,7 +178,7 @@ class ScoreStore:
         columns = [c for c in SCHEMA.names if with_maps or c not in map_columns]
         return PatchTable.from_arrow(self.read_arrow(columns), with_maps=with_maps)
 
-    def scored_ids(self) -> set[str]:
+    def done_ids(self) -> set[str]:
         """Ids of the images that already have rows (used to resume an interrupted pass)."""
         return set(self.read_arrow(["image_id"]).column("image_id").to_pylist())
 
@@ -278,7 +186,7 @@ class ScoreStore:
         """A hash of the manifest and the shard names and sizes: changes whenever the store's content does."""
         import hashlib
 
-        digest = hashlib.sha256(json.dumps(self.manifest.to_json(), sort_keys=True).encode())
+        digest = hashlib.sha256(json.dumps(self.manifest_json(self.manifest), sort_keys=True).encode())
         for p in self.shard_paths():
             digest.update(f"{p.name}:{p.stat().st_size}".encode())
         return digest.hexdigest()[:16]
@@ -293,9 +201,3 @@ def _drop_duplicate_rows(table: pa.Table) -> pa.Table:
             seen.add(key)
             keep.append(i)
     return table if len(keep) == len(keys) else table.take(pa.array(keep))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # unique: ranks may write at once
-    tmp.write_text(text)
-    os.replace(tmp, path)

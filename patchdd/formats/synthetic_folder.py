@@ -1,11 +1,16 @@
-"""Synthetic sets on disk: a PNG ImageFolder, ``synthetic.json`` to reload it exactly, ``tiles.parquet`` tracing
-every tile to its source, and a contact sheet per class.
+"""Synthetic sets on disk: a PNG ImageFolder, ``synthetic.json`` to reload it exactly, a table tracing every
+image to where it came from, and a contact sheet per class.
 
 Layout of one exported set (``OUT/ipc{N}``)::
 
     <class folder>/img_000.png ...   the synthetic images (lossless), label order = sorted class folders
-    synthetic.json                   format, classes, ipc, grid, image_size, selector, store hash, options
-    tiles.parquet                    one row per tile (see TILE_COLUMNS)
+    synthetic.json                   format (v2), kind (patches | generated), classes, ipc, grid, image_size, and
+                                     the method's description (selector, store hash, options; or method, prior,
+                                     prior hash, options)
+    tiles.parquet                    patch sets (distill): one row per tile (see tile_columns)
+    provenance.parquet               generated sets (generate): one row per image (see plan.provenance_columns)
+
+Version 1 (patch sets written before generated sets existed, no ``kind``) stays readable.
 
 Contact sheets go to a separate folder (``OUT/contact_sheets/ipc{N}/<class>.png``) so that the set stays a
 plain ImageFolder.
@@ -28,9 +33,11 @@ from patchdd.formats.synthetic_set import SyntheticSet
 from patchdd.methods.selection import Picks
 
 FORMAT_NAME = "patchdd-synthetic"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 INFO_FILE = "synthetic.json"
 TILES_FILE = "tiles.parquet"
+PROVENANCE_FILE = "provenance.parquet"
 
 
 def image_name(index: int, count: int) -> str:
@@ -95,10 +102,38 @@ class SyntheticFolderWriter:
         table = table.set_column(table.schema.get_field_index("box"), "box",
                                  table.column("box").cast(pa.list_(pa.int64(), 4)))
         pq.write_table(table, self.directory / TILES_FILE)
-        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "classes": self.classes.to_json(),
-                "grid": self.grid, "image_size": self.image_size, "images": self.count, **info}
-        (self.directory / INFO_FILE).write_text(json.dumps(meta, indent=1))
+        write_set_info(self.directory, self.classes, "patches", self.grid, self.image_size, self.count, info)
         return self.directory
+
+
+def write_set_info(directory: Path, classes: ClassMapping, kind: str, grid: int, image_size: int, count: int,
+                   info: dict) -> None:
+    """``synthetic.json``: format, kind, classes, grid, image size, image count, and ``info``."""
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": kind, "classes": classes.to_json(),
+            "grid": grid, "image_size": image_size, "images": count, **info}
+    (directory / INFO_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def finish_generated_set(directory: str | Path, classes: ClassMapping, provenance: dict[str, list], info: dict,
+                         contact_sheet_dir: str | Path | None = None, title: str = "") -> Path:
+    """Describe a generated set whose PNGs are all written: ``provenance.parquet``, ``synthetic.json`` (kind
+    ``generated``, grid 1) and a contact sheet per class."""
+    directory = Path(directory)
+    pq.write_table(pa.table(provenance), directory / PROVENANCE_FILE)
+    image_size, count = 0, 0
+    for folder, name in zip(classes.folders, classes.names):
+        images = torch.stack([image_tensor(f) for f in sorted((directory / folder).glob("img_*.png"))])
+        image_size, count = int(images.shape[-1]), count + len(images)
+        if contact_sheet_dir is not None:
+            Path(contact_sheet_dir).mkdir(parents=True, exist_ok=True)
+            contact_sheet(images, f"{name} ({folder}) - {title}").save(Path(contact_sheet_dir) / f"{folder}.png")
+    write_set_info(directory, classes, "generated", 1, image_size, count, info)
+    return directory
+
+
+def image_tensor(path: Path) -> torch.Tensor:
+    """An image file as uint8 (3, H, W)."""
+    return torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1)
 
 
 def read_synthetic_info(directory: str | Path) -> dict:
@@ -106,8 +141,8 @@ def read_synthetic_info(directory: str | Path) -> dict:
     if not path.is_file():
         raise DataError(f"no exported synthetic set at {directory} (missing {INFO_FILE})")
     info = json.loads(path.read_text())
-    if info.get("format") != FORMAT_NAME or info.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path} is not a {FORMAT_NAME} v{FORMAT_VERSION} description")
+    if info.get("format") != FORMAT_NAME or info.get("version") not in READABLE_VERSIONS:
+        raise DataError(f"{path} is not a {FORMAT_NAME} description of version {READABLE_VERSIONS}")
     return info
 
 
@@ -122,9 +157,8 @@ def read_synthetic_folder(directory: str | Path, folders: list[str] | None = Non
         files = sorted((directory / folder).glob("img_*.png"))
         if len(files) != info["ipc"]:
             raise DataError(f"{directory / folder} holds {len(files)} images, synthetic.json says {info['ipc']}")
-        for file in files:
-            images.append(torch.from_numpy(np.array(open_rgb(file))).permute(2, 0, 1))
-            labels.append(label)
+        images += [image_tensor(file) for file in files]
+        labels += [label] * len(files)
     subset = ClassMapping(tuple(folders), tuple(classes.names[classes.index(f)] for f in folders))
     return SyntheticSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), subset, info["grid"])
 

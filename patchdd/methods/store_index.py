@@ -6,7 +6,8 @@ import numpy as np
 
 from patchdd.data.sources import ClassMapping
 from patchdd.errors import StoreError, StoreMismatchError
-from patchdd.formats.score_store import ScoreStore, settings_difference
+from patchdd.formats.score_store import ScoreStore
+from patchdd.formats.stores import settings_difference
 
 META_COLUMNS = ["image_id", "label", "width", "height", "patch", "box", "score"]
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -107,9 +106,10 @@ def _looks_like_path(prior: str) -> bool:
 
 
 def load_component(cls, source: str | None, subfolder: str, revision: str | None = None,
-                   local_files_only: bool | None = None):
+                   local_files_only: bool | None = None, layout: Sequence[str] = COMPONENTS):
     """``cls.from_pretrained(source, subfolder=...)``, or one :class:`PriorUnavailableError` that names the
-    component and the source (a local folder or a hub id, offline or not) and says how to provide it."""
+    component and the source (a local folder or a hub id, offline or not) and says how to provide it (a folder
+    holding the ``layout`` component folders)."""
     if source is None:
         raise PriorUnavailableError(f"no config for the {subfolder} and no prior folder / hub id to load it from")
     path = Path(source).expanduser()
@@ -128,8 +128,8 @@ def load_component(cls, source: str | None, subfolder: str, revision: str | None
             where = f"the hub id {source!r}" + (" (offline, and no cached copy exists)" if offline else "")
         raise PriorUnavailableError(
             f"cannot load the {subfolder} of the diffusion prior from {where}: {reason}. Pass a local folder "
-            "holding unet/ vae/ text_encoder/ tokenizer/ scheduler/, or run once with network access to fill the "
-            "Hugging Face cache.") from None
+            f"holding {' '.join(c + '/' for c in layout)}, or run once with network access to fill the Hugging Face "
+            "cache.") from None
 
 
 def build_prior(pretrained: str | None = None, unet: dict | None = None, vae: dict | None = None,
@@ -169,13 +169,18 @@ def load_prior(prior: str = DEFAULT_PRIOR, revision: str | None = None,
     Raises :class:`PriorUnavailableError` naming the prior when it cannot be loaded (a folder missing a component,
     or a hub id with no network and no cached copy).
     """
+    check_prior_folder(prior, COMPONENTS)
+    return build_prior(prior, revision=revision, local_files_only=local_files_only, frozen=True, name=prior)
+
+
+def check_prior_folder(prior: str, components: Sequence[str]) -> None:
+    """When ``prior`` is a local folder, it must hold every component folder (else one clear error)."""
     path = Path(prior).expanduser()
     if path.is_dir():
-        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+        missing = [c for c in components if not (path / c).is_dir()]
         if missing:
             raise PriorUnavailableError(f"diffusion prior folder {path} lacks the component folders {missing} "
-                                        f"(expected {', '.join(COMPONENTS)}, as save_pretrained writes them)")
-    return build_prior(prior, revision=revision, local_files_only=local_files_only, frozen=True, name=prior)
+                                        f"(expected {', '.join(components)}, as save_pretrained writes them)")
 
 
 def save_prior(out: str | Path, prior: StableDiffusionPrior, class_mapping: ClassMapping | None = None) -> Path:
@@ -218,37 +223,44 @@ def random_prior(unet: dict, vae: dict, text_encoder: dict, seed: int = 0, name:
     return build_prior(None, unet, vae, text_encoder, scheduler={}, frozen=True, name=name)
 
 
-# --------------------------------------------------------------------------------------------------- DIFT hook
-
-
-class _StopForward(Exception):
-    """Raised from a forward hook to end a UNet pass once the wanted block has run."""
-
-    def __init__(self, output: torch.Tensor) -> None:
-        super().__init__()
-        self.output = output
-
-
-@contextmanager
-def stop_after(module: nn.Module) -> Iterator[None]:
-    """Inside this context a forward pass that reaches ``module`` ends there, raising with its output."""
-
-    def hook(_module, _inputs, output):
-        raise _StopForward(output[0] if isinstance(output, tuple) else output)
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+# ----------------------------------------------------------------------------------------------- DIFT features
 
 
 def up_block_features(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,
                       text_embeddings: torch.Tensor, up_block: int) -> torch.Tensor:
-    """Output of ``unet.up_blocks[up_block]`` (after its upsampler, as DIFT takes it); later blocks never run."""
-    with stop_after(unet.up_blocks[up_block]):
-        try:
-            unet(sample, timesteps, encoder_hidden_states=text_embeddings, return_dict=False)
-        except _StopForward as stop:
-            return stop.output
-    raise RuntimeError(f"the UNet forward pass never reached up_blocks[{up_block}]")
+    """Output of ``unet.up_blocks[up_block]`` (after its upsampler, as DIFT takes it); later blocks never run.
+
+    A truncated copy of ``UNet2DConditionModel.forward`` for plain text conditioning (no ControlNet or adapter
+    residuals, no attention masks): time / class / added embeddings, ``conv_in``, the down blocks, the mid block,
+    then the up blocks up to ``up_block``. It is one straight-line graph, so ``torch.compile`` captures it whole.
+    """
+    forward_upsample_size = any(side % 2**unet.num_upsamplers for side in sample.shape[-2:])
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timesteps), None)
+    class_emb = unet.get_class_embed(sample=sample, class_labels=None)
+    if class_emb is not None:
+        emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=text_embeddings, added_cond_kwargs={})
+    if aug_emb is not None:
+        emb = emb + aug_emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    context = unet.process_encoder_hidden_states(encoder_hidden_states=text_embeddings, added_cond_kwargs={})
+    sample = unet.conv_in(sample)
+    residuals = (sample,)
+    for block in unet.down_blocks:
+        cross = {"encoder_hidden_states": context} if getattr(block, "has_cross_attention", False) else {}
+        sample, block_residuals = block(hidden_states=sample, temb=emb, **cross)
+        residuals += block_residuals
+    if unet.mid_block is not None:
+        cross = {"encoder_hidden_states": context} if getattr(unet.mid_block, "has_cross_attention", False) else {}
+        sample = unet.mid_block(sample, emb, **cross)
+    for index, block in enumerate(unet.up_blocks[:up_block + 1]):
+        block_residuals, residuals = residuals[-len(block.resnets):], residuals[:-len(block.resnets)]
+        last = index == len(unet.up_blocks) - 1
+        upsample_size = residuals[-1].shape[2:] if forward_upsample_size and not last else None
+        cross = {"encoder_hidden_states": context} if getattr(block, "has_cross_attention", False) else {}
+        sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=block_residuals,
+                       upsample_size=upsample_size, **cross)
+    return sample

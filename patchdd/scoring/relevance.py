@@ -42,16 +42,27 @@ def draw_timesteps(generator: torch.Generator, num_draws: int, t_range: Sequence
 
 
 def draw_image_noise(image_ids: Sequence[str], seed: int, num_draws: int, latent_shape: Sequence[int],
-                     t_range: Sequence[float], num_train_timesteps: int,
-                     stratified: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     t_range: Sequence[float], num_train_timesteps: int, stratified: bool = False,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Per image (seeded by its id, so independent of batching, rank and resume): timesteps (B, N) and noise
-    (B, N, *latent_shape), on the CPU."""
+    (B, N, *latent_shape), on ``device``.
+
+    The timesteps and, on the CPU, the noise come from one CPU generator per image (the store format since its
+    first version). On an accelerator the noise is drawn there, from a generator of that device seeded with the
+    same per-image seed: no host-side drawing, no copy (the numbers differ from the CPU's, as any GPU result does).
+    """
+    device = torch.device(device)
     timesteps, noise = [], []
     for image_id in image_ids:
-        generator = torch.Generator().manual_seed(stable_seed(seed, "score", image_id))
+        image_seed = stable_seed(seed, "score", image_id)
+        generator = torch.Generator().manual_seed(image_seed)
         timesteps.append(draw_timesteps(generator, num_draws, t_range, num_train_timesteps, stratified))
-        noise.append(torch.randn(num_draws, *latent_shape, generator=generator))
-    return torch.stack(timesteps), torch.stack(noise)
+        if device.type == "cpu":  # the same generator goes on: the format of every CPU-scored store
+            noise.append(torch.randn(num_draws, *latent_shape, generator=generator))
+    if device.type != "cpu":
+        noise = list(seeded_normal([stable_seed(seed, "score", i) for i in image_ids], (num_draws, *latent_shape),
+                                   device))
+    return torch.stack(timesteps).to(device), torch.stack(noise)
 
 
 def predict_noise(unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,
@@ -136,14 +147,22 @@ def pooled_unit_vectors(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float().mean(dim=(-2, -1)), dim=-1)
 
 
+def seeded_normal(seeds: Sequence[int], shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Standard normal draws (len(seeds), *shape): each row from its own generator of ``device`` seeded by its seed
+    (drawn where they are used: no host-side drawing, no copy)."""
+    return torch.stack([torch.randn(*shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+                        for seed in seeds])
+
+
 def dift_vectors(prior: StableDiffusionPrior, patches: torch.Tensor, text_embeddings: torch.Tensor,
-                 generators: Sequence[torch.Generator], timestep: int, up_block: int, ensemble: int = 8,
-                 chunk: int = 128) -> torch.Tensor:
+                 seeds: Sequence[int], timestep: int, up_block: int, ensemble: int = 8,
+                 chunk: int = 128, features_fn=up_block_features) -> torch.Tensor:
     """DIFT vectors (P, C) of patches in [-1, 1]: the VAE latent of each patch noised at ``timestep`` with
-    ``ensemble`` noise draws (from that patch's generator), features of UNet ``up_blocks[up_block]`` (the UNet
-    stops there) averaged over the draws, global-average-pooled and L2-normalised."""
+    ``ensemble`` noise draws (from that patch's seed), features of UNet ``up_blocks[up_block]`` (the UNet
+    stops there; ``features_fn`` may be a compiled :func:`up_block_features`) averaged over the draws,
+    global-average-pooled and L2-normalised."""
     latents = prior.encode_images(patches)
-    noise = torch.stack([torch.randn(ensemble, *latents.shape[1:], generator=g) for g in generators])
+    noise = seeded_normal(seeds, (ensemble, *latents.shape[1:]), latents.device)
     noisy = prior.add_noise(latents.repeat_interleave(ensemble, 0), noise.flatten(0, 1).to(latents),
                             torch.full((len(latents) * ensemble,), timestep, dtype=torch.long, device=latents.device))
     embeddings = text_embeddings.repeat_interleave(ensemble, 0)
@@ -151,8 +170,8 @@ def dift_vectors(prior: StableDiffusionPrior, patches: torch.Tensor, text_embedd
     for start in range(0, len(noisy), chunk):
         rows = slice(start, start + chunk)
         t = torch.full((len(noisy[rows]),), timestep, dtype=torch.long, device=noisy.device)
-        maps.append(up_block_features(unet, noisy[rows].to(unet.dtype), t, embeddings[rows].to(unet.dtype),
-                                      up_block).float())
+        maps.append(features_fn(unet, noisy[rows].to(unet.dtype), t, embeddings[rows].to(unet.dtype),
+                                up_block).float())
     features = torch.cat(maps).unflatten(0, (len(latents), ensemble)).mean(1)
     return pooled_unit_vectors(features)
 

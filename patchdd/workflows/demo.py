@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from patchdd.data.sources import list_class_folders
 from patchdd.data.toy import BOXES_FILE, box_overlap, load_boxes, write_toy_dataset
 from patchdd.formats.synthetic_folder import INFO_FILE, TILES_FILE, read_synthetic_folder, synthetic_classes
 from patchdd.training.zoo import find_run_checkpoint
 from patchdd.workflows.console import output_to
 from patchdd.workflows.distill import distill
+from patchdd.workflows.generate import generate
 from patchdd.workflows.invoke import packaged_path, run_function, run_trainer_command
 from patchdd.workflows.matrix import MAIN_PROTOCOL, StudentSpec, TeacherSpec, matrix
 from patchdd.workflows.panel import FullDataSpec
@@ -76,25 +78,36 @@ def mean_std(values: Sequence[float]) -> str:
     return format_cell(*seed_statistics(values), len(values), 0) if values else "failed"
 
 
-def cost_ledger(ledger: dict[str, float], results_csv: Path, selectors: Sequence[str], ipcs: Sequence[int],
-                num_classes: int) -> str:
-    """Seconds per stage of this run (stages done before show as such), per synthetic image, and Stage I's
-    one-time scoring amortised over every set built from the store; students per protocol from the matrix's
-    rows (their seconds and peak memory)."""
-    images_per_set = {i: i * num_classes for i in ipcs}
-    built = len(selectors) * sum(images_per_set.values())
+def once_per_dataset_row(name: str, seconds: float | None, sets: int, images: int, note: str) -> str:
+    """A ledger row of a one-time stage, amortised over the ``images`` of the ``sets`` built from it here."""
+    return (f"| {name} | " + (f"{seconds:.0f}" if seconds else "done before") + " | "
+            + (f"{seconds / images:.2f} (amortised over the {images} images of the {sets} sets built here)"
+               if seconds else "–") + f" | {note} |")
+
+
+def per_set_row(name: str, seconds: float | None, images: int, ipcs: Sequence[int]) -> str:
+    """A ledger row of a stage that builds one method's sets (all IPCs)."""
+    return (f"| {name} | " + (f"{seconds:.1f}" if seconds else "done before") + " | "
+            + (f"{seconds / images:.3f}" if seconds else "–") + f" | IPC {', '.join(map(str, ipcs))} |")
+
+
+def cost_ledger(ledger: dict[str, float], results_csv: Path, selectors: Sequence[str], generators: Sequence[str],
+                ipcs: Sequence[int], num_classes: int) -> str:
+    """Seconds per stage of this run (stages done before show as such), per synthetic image; the one-time stages
+    (Stage I's scoring, D3HR's inversion) amortised over every set built from them; students per protocol from the
+    matrix's rows (their seconds and peak memory)."""
+    per_method = sum(i * num_classes for i in ipcs)
     lines = ["| stage | seconds | seconds per synthetic image | note |", "| --- | --- | --- | --- |"]
     scoring = next((v for k, v in ledger.items() if k.startswith("scoring")), None)
-    lines.append("| scoring (Stage I, once per dataset) | " + (f"{scoring:.0f}" if scoring else "done before")
-                 + " | " + (f"{scoring / built:.2f} (amortised over the {built} images of the "
-                            f"{len(selectors) * len(ipcs)} sets built here)" if scoring else "–") + " | the store "
-                 "serves every IPC and class subset after this |")
-    for selector in selectors:
-        seconds = ledger.get(f"distil ({selector})")
-        per_image = seconds / sum(images_per_set.values()) if seconds else None
-        lines.append(f"| clustering + selection + export ({selector}) | "
-                     + (f"{seconds:.1f}" if seconds else "done before") + " | "
-                     + (f"{per_image:.3f}" if per_image is not None else "–") + f" | IPC {', '.join(map(str, ipcs))} |")
+    lines.append(once_per_dataset_row("scoring (Stage I, once per dataset)", scoring, len(selectors) * len(ipcs),
+                                      len(selectors) * per_method, "the store serves every IPC and class subset"))
+    lines += [per_set_row(f"clustering + selection + export ({s})", ledger.get(f"distil ({s})"), per_method, ipcs)
+              for s in selectors]
+    if "d3hr" in generators:
+        inversion = next((v for k, v in ledger.items() if k.startswith("D3HR inversion")), None)
+        lines.append(once_per_dataset_row("D3HR inversion statistics (once per dataset)", inversion, len(ipcs),
+                                          per_method, "the statistics serve every IPC and class subset"))
+    lines += [per_set_row(f"generation ({g})", ledger.get(f"generate ({g})"), per_method, ipcs) for g in generators]
     with results_csv.open() as fh:
         rows = [r for r in csv.DictReader(fh) if r["status"] == "done"]
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
@@ -121,18 +134,20 @@ def _pyplot():
 
 def results_markdown(accuracy: dict, localisation: dict, full_data: float, selectors: Sequence[str],
                      ipcs: Sequence[int], seeds: int) -> str:
-    """The demo table: student top-1 (mean ± std over seeds) and patch localisation, per selector and IPC."""
-    header = ["selector"] + [f"IPC {i} top-1 (%)" for i in ipcs] + [f"IPC {i} localisation (%)" for i in ipcs]
+    """The demo table: student top-1 (mean ± std over seeds) and patch localisation (patch methods only), per
+    method and IPC."""
+    header = ["method"] + [f"IPC {i} top-1 (%)" for i in ipcs] + [f"IPC {i} localisation (%)" for i in ipcs]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for selector in selectors:
         cells = [mean_std(accuracy.get((selector, i), [])) for i in ipcs]
-        cells += [f"{100 * localisation[(selector, i)]:.0f}" for i in ipcs]
+        cells += [f"{100 * localisation[(selector, i)]:.0f}" if (selector, i) in localisation else "— (generated)"
+                  for i in ipcs]
         lines.append(f"| {selector} | " + " | ".join(cells) + " |")
     lines.append(f"| {FULL_DATA_ROW} | " + " | ".join([f"{100 * full_data:.1f}"] * len(ipcs))
                  + " |" + " — |" * len(ipcs))
     notes = (f"\nStudent: final top-1 on the real toy validation split, mean ± std over {seeds} seeds. "
              "Localisation: share of selected patches that contain at least half of their image's object "
-             "(ground-truth boxes). Full data: the ConvNet-D3 teacher itself (its best epoch, the checkpoint that "
+             "(ground-truth boxes); generated images (dit, d3hr) have no source patch. Full data: the ConvNet-D3 teacher itself (its best epoch, the checkpoint that "
              "teaches the students), trained with cross-entropy on "
              "all training images (one run).\n")
     return "\n".join(lines) + "\n" + notes
@@ -148,7 +163,8 @@ def results_chart(accuracy: dict, localisation: dict, full_data: float, selector
     for k, selector in enumerate(selectors):
         means, stds = zip(*(seed_statistics(accuracy.get((selector, i), [np.nan])) for i in ipcs))
         left.bar(x + k * width, means, width, yerr=stds, capsize=3, label=selector)
-        right.bar(x + k * width, [100 * localisation[(selector, i)] for i in ipcs], width, label=selector)
+        right.bar(x + k * width, [100 * localisation.get((selector, i), np.nan) for i in ipcs], width,
+                  label=selector)
     left.axhline(100 * full_data, color="black", linestyle="--", linewidth=1, label=FULL_DATA_ROW)
     for axis, title in ((left, "student top-1 on real val (%)"), (right, "patches containing the object (%)")):
         axis.set_xticks(x + width * (len(selectors) - 1) / 2, [f"IPC {i}" for i in ipcs])
@@ -195,7 +211,11 @@ def demo(
     teacher_kwargs: dict = {"width": 32},
     ipcs: list[int] = [1, 10],
     selectors: list[str] = ["diffusion", "random", "rded", "random_real"],
-    seeds: list[int] = [0, 1, 2],
+    dit_prior: str = "assets/toy_dit",
+    dit_prior_config: str = "configs/prior/toy_dit.yaml",
+    invert_config: str = "configs/invert/toy_d3hr.yaml",
+    generators: dict[str, str] = {"dit": "configs/generate/toy_dit.yaml", "d3hr": "configs/generate/toy_d3hr.yaml"},
+    seeds: list[int] = [0, 1],
     student_epochs: int = 100,
     localisation_threshold: float = 0.5,
     protocols: list[str] = ["soft_aug"],
@@ -203,10 +223,13 @@ def demo(
     """Run the whole method on the toy data and write runs/demo/results.{md,png} and a contact sheet.
 
     The prior is read from ``prior`` (an SD-layout folder); when it is missing it is trained first with
-    ``prior_config``. ``score_config`` and ``distill_config`` may be stacks of files (later ones override), e.g.
+    ``prior_config``. The generative rows (``generators``: method -> ``generate`` config) use the DiT prior
+    ``dit_prior`` (trained with ``dit_prior_config`` when missing); D3HR's inversion statistics come from
+    ``invert_config``. ``score_config`` and ``distill_config`` may be stacks of files (later ones override), e.g.
     ``configs/distill/toy.yaml`` plus ``configs/distill/toy_2x2.yaml`` for RDED's 2x2 layout.
     """
     out_dir, data_dir, prior_dir = Path(out), Path(data), Path(packaged_path(prior))
+    dit_dir = Path(packaged_path(dit_prior))
     ledger: dict[str, float] = {}  # seconds of the stages run this time
     teacher_dir, store_dir, syn_root = out_dir / "teacher", out_dir / "scores", out_dir / "syn"
     logs = out_dir / "logs"
@@ -232,12 +255,30 @@ def demo(
             "--synthesis.selector", s, "--synthesis.rded.checkpoint", str(teacher_checkpoint),
             "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]), logs / f"distill-{selector}.log",
                ledger)
+    if generators:
+        _stage("DiT prior", (dit_dir / "transformer").is_dir(), lambda: run_trainer_command(
+            ["fit", "-c", dit_prior_config, "--data.root", str(data_dir), "--model.export_dir", str(dit_dir),
+             "--trainer.default_root_dir", str(out_dir / "dit_prior_logs"), "--trainer.enable_progress_bar",
+             "false"]), logs / "dit_prior.log")
+    if "d3hr" in generators:
+        _stage("D3HR inversion statistics (resumes)", False, lambda: run_trainer_command(
+            ["predict", "-c", invert_config, "--data.root", str(data_dir), "--model.prior", str(dit_dir),
+             "--stats.dir", str(out_dir / "d3hr_stats"), "--trainer.default_root_dir", str(out_dir / "d3hr_stats"),
+             "--trainer.enable_progress_bar", "false"]), logs / "d3hr_inversion.log", ledger)
+    data_classes = ",".join(list_class_folders(data_dir / "train"))  # the prior may know more classes
+    for method, config in generators.items():
+        done = all((syn_root / method / f"ipc{i}" / INFO_FILE).is_file() for i in ipcs)
+        _stage(f"generate ({method})", done, lambda m=method, c=config: run_function("generate", generate, [
+            "-c", c, "--prior", str(dit_dir), "--out", str(syn_root / m), "--stats", str(out_dir / "d3hr_stats"),
+            "--classes", data_classes, "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]),
+               logs / f"generate-{method}.log", ledger)
+    methods = [*selectors, *generators]
     _stage("students", False, lambda: matrix(
         out=str(out_dir / "students"), base=student_configs,
         teachers=[TeacherSpec("convnet_d3", checkpoint=str(teacher_checkpoint), kwargs=teacher_kwargs,
                               label="ConvNet-D3")],
         students=[StudentSpec("convnet_d3", kwargs=teacher_kwargs, label="ConvNet-D3")],
-        ipcs=ipcs, selectors=selectors, seeds=seeds,
+        ipcs=ipcs, selectors=methods, seeds=seeds,
         synthetic_dir=str(syn_root / "{selector}" / "ipc{ipc}"),
         overrides={"trainer.max_epochs": student_epochs, "data.real.root": str(data_dir)},
         launcher="inline", title="Toy demo students", protocols=protocols,
@@ -249,15 +290,15 @@ def demo(
                                               localisation_threshold) for s in selectors for i in ipcs}
     accuracy = accuracy_by_cell(out_dir / "students" / "results.csv")
     full_data = max(validation_top1s(teacher_checkpoint.parents[1]))  # the accuracy of best.ckpt
-    table = results_markdown(accuracy, localisation, full_data, selectors, ipcs, len(seeds))
+    table = results_markdown(accuracy, localisation, full_data, methods, ipcs, len(seeds))
     panel = out_dir / "students" / "panel.md"
     panel_text = panel.read_text().partition("\n\n")[2] if panel.is_file() else ""
-    costs = cost_ledger(ledger, out_dir / "students" / "results.csv", selectors, ipcs,
+    costs = cost_ledger(ledger, out_dir / "students" / "results.csv", selectors, list(generators), ipcs,
                         len(synthetic_classes(syn_root / selectors[0] / f"ipc{ipcs[0]}")))
     (out_dir / "results.md").write_text(f"# Toy demo results\n\n{table}\n## Fairness panel\n\n{panel_text}\n"
                                         f"## Cost ledger\n\n{costs}")
-    results_chart(accuracy, localisation, full_data, selectors, ipcs, out_dir / "results.png")
-    selection_sheet(syn_root, selectors, max(ipcs), out_dir / "contact_sheet.png")
+    results_chart(accuracy, localisation, full_data, methods, ipcs, out_dir / "results.png")
+    selection_sheet(syn_root, methods, max(ipcs), out_dir / "contact_sheet.png")
     (out_dir / "results.json").write_text(json.dumps(
         {"accuracy": {f"{s}/ipc{i}": v for (s, i), v in accuracy.items()},
          "localisation": {f"{s}/ipc{i}": v for (s, i), v in localisation.items()}, "full_data": full_data}, indent=1))

@@ -46,11 +46,15 @@ def import_lightning_classes() -> None:
     ``--model.help`` can name them by their short class name (``FKDStudent``, ``DistilledDataModule``)."""
     import patchdd.datamodules.callbacks  # noqa: F401
     import patchdd.datamodules.distilled  # noqa: F401
+    import patchdd.datamodules.generation_data  # noqa: F401
     import patchdd.datamodules.real  # noqa: F401
     import patchdd.datamodules.score_writer  # noqa: F401
     import patchdd.datamodules.scoring_data  # noqa: F401
     import patchdd.lightning_modules.classifier  # noqa: F401
     import patchdd.lightning_modules.diffusion_prior  # noqa: F401
+    import patchdd.lightning_modules.dit_prior  # noqa: F401
+    import patchdd.lightning_modules.generation  # noqa: F401
+    import patchdd.lightning_modules.inversion  # noqa: F401
     import patchdd.lightning_modules.scoring  # noqa: F401
     import patchdd.lightning_modules.student  # noqa: F401
 

@@ -8,13 +8,14 @@ from pathlib import Path
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
-from patchdd.datamodules.score_writer import ScoreStoreWriter
+from patchdd.datamodules.score_writer import LatentStatsWriter, ScoreStoreWriter
 from patchdd.training.zoo import find_run_checkpoint
 
 
 class PatchDDCLI(LightningCLI):
-    """LightningCLI with the suite's defaults: a fixed seed recorded in the saved config, and Stage I's score store
-    writer as ``--store.*`` (it acts in ``predict`` only, so ``fit`` runs without it)."""
+    """LightningCLI with the suite's defaults: a fixed seed recorded in the saved config, Stage I's score store
+    writer as ``--store.*`` and D3HR's latent statistics writer as ``--stats.*`` (they act in ``predict`` only, for
+    the module that produces their store, so ``fit`` runs without them)."""
 
     def __init__(self, args: list[str]) -> None:
         with warnings.catch_warnings():  # args given from Python (the demo, the matrix) while sys.argv is the caller's
@@ -24,6 +25,7 @@ class PatchDDCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ScoreStoreWriter, "store")
+        parser.add_lightning_class_args(LatentStatsWriter, "stats")
 
     def before_instantiate_classes(self) -> None:
         """``--ckpt_path last`` with the default logger resumes the newest run of ``default_root_dir`` in its own

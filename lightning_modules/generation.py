@@ -1,0 +1,74 @@
+"""Generation as a predict loop: batches of planned work items (:mod:`patchdd.generation.plan`) -> uint8 images.
+
+:class:`LatentGenerator` samples each item's latent with a DiT prior under classifier-free guidance, from Gaussian
+noise drawn from the item's own seed or from the item's starting latent at a restart timestep (D3HR), and decodes
+it. ``patchdd generate`` runs it through ``Trainer.predict`` (bf16 on a GPU, DDP over canonical batches) with
+:class:`patchdd.datamodules.generation_data.SyntheticImageWriter` writing the images.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from patchdd.generation.plan import SamplingOptions, WorkBatch
+from patchdd.generation.sampling import (ancestral_sample, ancestral_scheduler, ddim_sample, ddim_schedulers,
+                                         guided_model, restart_index)
+from patchdd.priors.dit import DEFAULT_DIT, DiTPrior, load_dit_prior
+
+SAMPLERS = ("ddim", "ancestral")
+
+
+class LatentGenerator(L.LightningModule):
+    """Class-conditional DiT sampling of planned work items.
+
+    Args:
+        prior: DiT prior folder (``DiTPipeline`` layout) or hub id (``facebook/DiT-XL-2-256``).
+        sampling: sampler, steps, guidance scale and channels, final alpha (``SamplingOptions``).
+        start_timestep: items with a starting latent restart at this grid timestep (D3HR: 600); ``None``: every
+            item starts from noise at the first grid timestep.
+        restart_offset: restart this many grid steps earlier than ``start_timestep`` (D3HR's code: 1).
+        revision: hub revision of the prior.
+    """
+
+    def __init__(self, prior: str = DEFAULT_DIT, sampling: SamplingOptions = SamplingOptions(),
+                 start_timestep: int | None = None, restart_offset: int = 0, revision: str | None = None) -> None:
+        super().__init__()
+        if sampling.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampling.sampler!r}")
+        if sampling.sampler == "ancestral" and start_timestep is not None:
+            raise ValueError("the ancestral sampler starts from noise only (start_timestep must be None)")
+        self.sampling, self.start_timestep, self.restart_offset = sampling, start_timestep, restart_offset
+        self.dit: DiTPrior = load_dit_prior(prior, revision)
+        if sampling.sampler == "ancestral" and not self.dit.learns_sigma:
+            raise ValueError(f"the ancestral sampler needs a DiT with a learned variance; {prior!r} predicts "
+                             "epsilon only (use sampler: ddim)")
+        self.scheduler = self.make_scheduler()
+        self.start_index = 0 if start_timestep is None else restart_index(self.scheduler, start_timestep,
+                                                                          restart_offset)
+
+    def make_scheduler(self):
+        config = self.dit.scheduler.config
+        if self.sampling.sampler == "ancestral":
+            return ancestral_scheduler(config, self.sampling.steps)
+        return ddim_schedulers(config, self.sampling.steps, self.sampling.set_alpha_to_one)[0]
+
+    @property
+    def start_timestep_used(self) -> int:
+        """The timestep sampling starts from (noise: the first of the grid)."""
+        return int(self.scheduler.timesteps[self.start_index])
+
+    @torch.no_grad()
+    def predict_step(self, batch: WorkBatch, batch_idx: int = 0) -> tuple[torch.Tensor, list]:
+        """uint8 images (B, 3, H, W) on the CPU, and the batch's items."""
+        generators = [torch.Generator().manual_seed(item.seed) for item in batch.items]
+        latents = batch.inits if batch.inits is not None else torch.stack(
+            [torch.randn(self.dit.latent_shape, generator=g) for g in generators])
+        latents = latents.to(self.device)
+        model_fn = guided_model(self.dit, batch.model_labels.to(self.device), self.sampling.cfg_scale,
+                                self.sampling.cfg_channels)
+        if self.sampling.sampler == "ancestral":  # the items' generators go on drawing the step noise
+            latents = ancestral_sample(model_fn, latents, self.scheduler, generators)
+        else:
+            latents = ddim_sample(model_fn, latents, self.scheduler, self.start_index)
+        return self.dit.decode(latents.float()).cpu(), batch.items

@@ -1,0 +1,151 @@
+"""What ``generate`` makes, planned on the CPU before any model runs: one work item per synthetic image.
+
+A work item carries everything its image depends on: the class, its row in the DiT's label table, its index, a
+seed derived from (seed, class folder, index), and the latent it starts from (``None``: Gaussian noise drawn from
+its seed; D3HR: a latent of the group chosen for its class). Items are cut into canonical batches (the same for
+any world size and on resume), so an image's bytes depend on the plan only, never on how the run was split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from patchdd.data.sources import ClassMapping
+from patchdd.formats.latent_stats import ClassSums
+from patchdd.formats.synthetic_folder import image_name
+from patchdd.generation.group_sampling import derive_seed, group_sample
+
+
+@dataclass
+class SamplingOptions:
+    """How latents become images.
+
+    Args:
+        sampler: ``ddim`` (deterministic, eta 0) or ``ancestral`` (DDPM with a learned variance, DiT's sampler).
+        steps: sampling grid steps (50).
+        cfg_scale: classifier-free guidance scale (1: none).
+        cfg_channels: guided latent channels (``None``: all, as ``DiTPipeline`` and D3HR; 3: Meta's DiT, Minimax).
+        set_alpha_to_one: DDIM's last step ends at abar = 1 (the clean latent); false ends at abar[0] (D3HR's
+            code ends at abar[1], a 1e-4 difference).
+    """
+
+    sampler: str = "ddim"
+    steps: int = 50
+    cfg_scale: float = 4.0
+    cfg_channels: int | None = None
+    set_alpha_to_one: bool = True
+
+
+@dataclass
+class D3HROptions:
+    """D3HR's choices (paper defaults; the code's variants are options).
+
+    Args:
+        timestep: the inverted latents' timestep, where generation restarts (600).
+        restart_offset: 0 restarts at that timestep (aligned); 1 one grid step earlier, as D3HR's code does.
+        candidates: candidate groups per class (the paper's m = 1e6; the code's literal is 1e8).
+        block_size: groups per canonically seeded block.
+        blocks_per_batch: blocks scored at once (memory: blocks x block_size x IPC x latent size floats).
+        score_variant: ``paper`` (per-dimension skewness, weights 1, 1, 0.5) or ``d3hr_code`` (1, 1, 0.1).
+        weights: override of the (mean, std, skewness) weights.
+        device: where candidates are drawn and scored (``auto``: the GPU when there is one).
+    """
+
+    timestep: int = 600
+    restart_offset: int = 0
+    candidates: int = 1_000_000
+    block_size: int = 1024
+    blocks_per_batch: int = 8
+    score_variant: str = "paper"
+    weights: tuple[float, float, float] | None = None
+    device: str = "auto"
+
+
+@dataclass
+class WorkItem:
+    """One synthetic image to make."""
+
+    label: int  # position in the output classes
+    folder: str
+    model_label: int  # row of the DiT's label table
+    index: int  # image index within its class
+    ipc: int  # images of its class in the set
+    seed: int
+    init: torch.Tensor | None = field(default=None, repr=False)  # starting latent; None: noise from the seed
+    group_score: float | None = None
+    group_candidate: int | None = None
+
+    @property
+    def file(self) -> str:
+        return f"{self.folder}/{image_name(self.index, self.ipc)}"
+
+
+@dataclass
+class WorkBatch:
+    """A batch of work items as the generator reads it."""
+
+    items: list[WorkItem]
+    model_labels: torch.Tensor  # (B,) int64
+    inits: torch.Tensor | None  # (B, C, H, W) starting latents, or None: noise from the items' seeds
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def collate_items(items: list[WorkItem]) -> WorkBatch:
+    """Stack a batch of items; their starting latents are all given or all absent."""
+    given = [item.init is not None for item in items]
+    if any(given) and not all(given):
+        raise ValueError("a batch mixes items with and without starting latents")
+    inits = torch.stack([item.init for item in items]) if all(given) and items else None
+    return WorkBatch(list(items), torch.tensor([item.model_label for item in items], dtype=torch.long), inits)
+
+
+def item_seed(seed: int, folder: str, index: int) -> int:
+    return derive_seed("generate", seed, folder, index)
+
+
+def noise_items(classes: ClassMapping, model_labels: Sequence[int], ipc: int, seed: int) -> list[WorkItem]:
+    """Items that start from Gaussian noise (plain DiT generation)."""
+    return [WorkItem(label, folder, model_labels[label], i, ipc, item_seed(seed, folder, i))
+            for label, folder in enumerate(classes.folders) for i in range(ipc)]
+
+
+def group_items(classes: ClassMapping, model_labels: Sequence[int], ipc: int, seed: int, sums: ClassSums,
+                store_folders: Sequence[str], latent_shape: tuple[int, ...], options: D3HROptions,
+                device: torch.device | str = "cpu") -> list[WorkItem]:
+    """Items that start from the latents of the group chosen for each class (D3HR's group sampling)."""
+    items = []
+    for label, folder in enumerate(classes.folders):
+        mean, variance = sums.gaussian(list(store_folders).index(folder))
+        mean, std = mean.float().to(device), variance.float().sqrt().to(device)
+        chosen = group_sample(mean, std, ipc, options.candidates, seed, folder, options.block_size,
+                              options.blocks_per_batch, options.weights, options.score_variant)
+        latents = chosen.latents.cpu().view(ipc, *latent_shape)
+        items += [WorkItem(label, folder, model_labels[label], i, ipc, item_seed(seed, folder, i), latents[i],
+                           chosen.score, chosen.index) for i in range(ipc)]
+    return items
+
+
+def canonical_batches(items: Sequence[WorkItem], batch_size: int) -> list[list[int]]:
+    """Positions of ``items`` cut into consecutive batches of ``batch_size`` (the last one shorter)."""
+    return [list(range(start, min(len(items), start + batch_size))) for start in range(0, len(items), batch_size)]
+
+
+def provenance_columns(items: Sequence[WorkItem], common: dict) -> dict[str, list]:
+    """``provenance.parquet`` columns: one row per image (its file, class, seed, start, group) + ``common``."""
+    columns = {
+        "file": [item.file for item in items],
+        "class": [item.folder for item in items],
+        "label": [item.label for item in items],
+        "model_label": [item.model_label for item in items],
+        "index": [item.index for item in items],
+        "seed": [item.seed for item in items],
+        "init": ["noise" if item.init is None else "group" for item in items],
+        "group_score": [item.group_score for item in items],
+        "group_candidate": [item.group_candidate for item in items],
+    }
+    return columns | {name: [value] * len(items) for name, value in common.items()}

@@ -1,0 +1,192 @@
+"""``patchdd generate``: a class-conditional DiT prior -> generated synthetic sets (PNG ImageFolders), one per IPC.
+
+Methods (:data:`GENERATIVE_METHODS`): ``dit`` samples every image from Gaussian noise; ``d3hr`` restarts from the
+latents of the group that D3HR's group sampling chooses from each class's inverted-latent Gaussian (the
+statistics store written by ``patchdd predict -c configs/invert/...``). Work is planned on the CPU
+(:mod:`patchdd.generation.plan`), then run by ``Trainer.predict`` (bf16 on a GPU, DDP over canonical batches);
+the sets are written in the same folder format as ``distill``'s, with ``provenance.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from patchdd.data.sources import ClassMapping
+from patchdd.data.subsets import imagenet_wnids
+from patchdd.errors import StoreMismatchError
+from patchdd.formats.latent_stats import LatentStatsStore
+from patchdd.formats.outputs import atomic_directory, exclusive_output, replace_directory
+from patchdd.formats.synthetic_folder import finish_generated_set
+from patchdd.generation.plan import (D3HROptions, SamplingOptions, WorkItem, canonical_batches, group_items,
+                                     noise_items, provenance_columns)
+from patchdd.methods.synthesis import subset_mapping
+from patchdd.priors.dit import DEFAULT_DIT, weights_hash
+
+GENERATIVE_METHODS = {
+    "dit": "class-conditional DiT sampling from Gaussian noise (the plain-DiT baseline)",
+    "d3hr": "D3HR: DDIM inversion statistics, group sampling, generation from the chosen latents (seed 002)",
+}
+SETTINGS_FILE = ".generate.json"
+
+
+def device_of(accelerator: str) -> torch.device:
+    """Where planning work (group sampling) runs: the GPU when the run uses one."""
+    return torch.device("cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def available_classes(method: str, dit, store: LatentStatsStore | None) -> ClassMapping:
+    """The classes a method can make: the statistics store's (d3hr), else the prior's label table."""
+    if store is not None:
+        return ClassMapping.from_json(store.manifest.classes)
+    return dit.class_mapping or ClassMapping.for_folders(imagenet_wnids())
+
+
+def open_statistics(stats: str | None, d3hr: D3HROptions, prior_hash: str) -> LatentStatsStore:
+    """The latent statistics store of ``d3hr``, checked against the prior and the restart timestep."""
+    if stats is None:
+        raise ValueError("generate --method d3hr needs --stats DIR: the latent statistics store written by "
+                         "`patchdd predict -c configs/invert/<config>.yaml --stats.dir DIR`")
+    store = LatentStatsStore.open(stats)
+    settings = store.manifest.settings
+    if settings.get("prior_hash") != prior_hash:
+        raise StoreMismatchError(f"{stats} was inverted with other DiT weights ({settings.get('prior_hash')}) than "
+                                 f"--prior ({prior_hash})")
+    if settings.get("timestep") != d3hr.timestep:
+        raise StoreMismatchError(f"{stats} holds latents at t = {settings.get('timestep')}, --d3hr.timestep is "
+                                 f"{d3hr.timestep}")
+    return store
+
+
+def pending_batches(items: Sequence[WorkItem], batches: list[list[int]], directory: Path) -> list[list[int]]:
+    """The canonical batches with at least one image not yet on disk (a cut run redoes only those)."""
+    return [b for b in batches if not all((directory / items[i].file).is_file() for i in b)]
+
+
+def prepare_building(building: Path, settings: dict) -> None:
+    """Resume ``building`` when it was started with the same settings; otherwise start it afresh."""
+    record = building / SETTINGS_FILE
+    if building.exists() and (not record.is_file() or json.loads(record.read_text()) != settings):
+        shutil.rmtree(building)
+    building.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=1))
+
+
+def generate(
+    method: str = "dit",
+    out: str = "runs/syn/dit",
+    prior: str = DEFAULT_DIT,
+    ipc: Sequence[int] = (10,),
+    classes: str | None = "all",
+    stats: str | None = None,
+    seed: int = 0,
+    sampling: SamplingOptions = SamplingOptions(),
+    d3hr: D3HROptions = D3HROptions(),
+    output_size: int | None = None,
+    resize_filter: str = "lanczos",
+    batch_size: int = 32,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    precision: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Generate synthetic sets with a class-conditional DiT prior (dit, d3hr), one per IPC.
+
+    Each ``ipc{N}`` folder is built in ``.ipc{N}.building`` beside its target and renamed into place when complete;
+    a cut run resumes there with the images it has not written yet, byte-identical to an uncut run (every image
+    depends on its own seed and canonical batch only, whatever the world size). ``out`` is locked while written.
+
+    Args:
+        method: ``dit`` (from noise) or ``d3hr`` (from group-sampled inverted latents).
+        out: output directory; gets ``ipc{N}/`` per IPC and ``contact_sheets/ipc{N}/``.
+        prior: DiT prior folder (``DiTPipeline`` layout) or hub id (``facebook/DiT-XL-2-256``).
+        ipc: images per class, one or several (``--ipc 1 10 50``).
+        classes: ``all``, a preset (imagenette, imagewoof, imagenet100) or comma-separated wnids / names, among the
+            prior's classes (dit) or the statistics store's (d3hr).
+        stats: the latent statistics store (d3hr).
+        seed: seed of every image's noise and of the group sampling.
+        sampling: sampler, steps, guidance (``SamplingOptions``).
+        d3hr: restart timestep and offset, candidate groups, score (``D3HROptions``).
+        output_size: side of the saved images (``None``: as decoded; D3HR saves 224 from 256).
+        resize_filter: ``lanczos`` (D3HR), ``bicubic`` or ``bilinear``.
+        batch_size: images per canonical batch (part of the plan: changing it restarts a building set).
+        accelerator: Lightning accelerator (``auto``: the GPU when there is one).
+        devices: Lightning devices (several: DDP over the canonical batches).
+        strategy: Lightning strategy.
+        precision: Lightning precision (default: ``bf16-mixed`` on a GPU, ``32-true`` on the CPU).
+        overwrite: replace existing ``ipc{N}`` folders.
+        progress: show a progress bar.
+    """
+    import lightning as L
+
+    from patchdd.datamodules.generation_data import SyntheticImageWriter, WorkItemDataModule
+    from patchdd.lightning_modules.generation import LatentGenerator
+
+    if method not in GENERATIVE_METHODS:
+        raise ValueError(f"unknown generative method {method!r}; choose from {sorted(GENERATIVE_METHODS)}")
+    restart = d3hr.timestep if method == "d3hr" else None
+    module = LatentGenerator(prior, sampling, start_timestep=restart, restart_offset=d3hr.restart_offset)
+    prior_hash = weights_hash(module.dit.transformer)
+    store = open_statistics(stats, d3hr, prior_hash) if method == "d3hr" else None
+    available = available_classes(method, module.dit, store)
+    mapping = subset_mapping(available, classes)
+    model_labels = module.dit.label_ids(mapping.folders)
+    device = device_of(accelerator)
+    if precision is None:
+        precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    group_device = device if d3hr.device == "auto" else torch.device(d3hr.device)
+    options = {"sampling": asdict(sampling), "seed": seed, "batch_size": batch_size, "output_size": output_size,
+               "resize_filter": resize_filter, "start_timestep": module.start_timestep_used}
+    if method == "d3hr":
+        options |= {"d3hr": asdict(d3hr), "stats": str(Path(stats).resolve())}
+    targets = {n: Path(out) / f"ipc{n}" for n in ipc}
+    with exclusive_output(out):
+        existing = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
+        if existing and not overwrite:
+            raise FileExistsError(f"output folders exist: {existing} (pass --overwrite true to replace them)")
+        sums = store.sums() if store is not None else None
+        items: list[WorkItem] = []
+        batches: list[list[int]] = []
+        buildings = {n: Path(out) / f".ipc{n}.building" for n in ipc}
+        for n in ipc:
+            prepare_building(buildings[n], {"method": method, "prior_hash": prior_hash, "ipc": n,
+                                            "classes": list(mapping.folders), **options})
+            if method == "d3hr":
+                planned = group_items(mapping, model_labels, n, seed, sums, available.folders,
+                                      module.dit.latent_shape, d3hr, group_device)
+            else:
+                planned = noise_items(mapping, model_labels, n, seed)
+            pending = pending_batches(planned, canonical_batches(planned, batch_size), buildings[n])
+            batches += [[len(items) + i for i in b] for b in pending]
+            items += planned
+        print(f"generate ({method}): {len(items)} images planned, {sum(map(len, batches))} to make "
+              f"({len(batches)} batches of up to {batch_size})", flush=True)
+        writer = SyntheticImageWriter({n: str(b) for n, b in buildings.items()}, output_size, resize_filter)
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
+                            logger=False, enable_checkpointing=False, enable_model_summary=False,
+                            enable_progress_bar=progress, use_distributed_sampler=False, callbacks=[writer])
+        if batches:
+            trainer.predict(module, datamodule=WorkItemDataModule(items, batches), return_predictions=False)
+            trainer.strategy.barrier("generated")  # every rank's images are written before rank 0 describes them
+        if not trainer.is_global_zero:
+            return list(targets.values())
+        common = {"method": method, "start_timestep": module.start_timestep_used,
+                  "cfg_scale": sampling.cfg_scale, "steps": sampling.steps, "scheduler": sampling.sampler}
+        info = {"method": method, "prior": prior, "prior_hash": prior_hash, "options": options}
+        for n, target in targets.items():
+            own = [item for item in items if item.ipc == n]
+            sheets = Path(out) / "contact_sheets" / f"ipc{n}"
+            with atomic_directory(sheets) as building_sheets:
+                finish_generated_set(buildings[n], mapping, provenance_columns(own, common), {"ipc": n, **info},
+                                     building_sheets, title=f"IPC {n}, {method}")
+            (buildings[n] / SETTINGS_FILE).unlink()
+            replace_directory(buildings[n], target)
+            print(f"wrote {target}: {len(own)} images ({len(mapping)} classes x {n})", flush=True)
+    return list(targets.values())
