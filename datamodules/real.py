@@ -187,6 +187,11 @@ class ImageFolderDataModule(RealDataModule):
             return scan_class_folders(val_dir, folders)
         return scan_flat_folder(val_dir, labels_file, folders)
 
+    def image_folder(self, split: str) -> Path:
+        """The folder that image ids of ``split`` are relative to: an image opens as ``folder / id`` without
+        listing anything (Stage II opens only the images it picks)."""
+        return self.root / (self.train_dir if split == "train" else self.val_dir)
+
     def _val_labels_file(self, val_dir: Path) -> Path | None:
         if self.val_labels:
             return Path(self.val_labels)

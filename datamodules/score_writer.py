@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,6 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from patchdd.formats.latent_stats import ClassSums, LatentStatsStore
+from patchdd.formats.outputs import BackgroundWrites
 from patchdd.formats.score_store import PatchTable, ScoreStore
 from patchdd.formats.stores import MANIFEST_FILE, Manifest, ManifestStore
 
@@ -49,29 +48,6 @@ def store_manifest(trainer: L.Trainer, pl_module: L.LightningModule) -> Manifest
                   "precision": str(trainer.precision), "world_size": trainer.world_size}
     return Manifest(settings=pl_module.settings() | datamodule.settings(),
                     classes=datamodule.class_mapping.to_json(), data=datamodule.describe(), provenance=provenance)
-
-
-class BackgroundWrites:
-    """Shard writes on one background thread, so that the accelerator does not wait for Parquet encoding and the
-    file system; at most ``depth`` writes wait at a time (the next submit blocks), and an error in a write is
-    raised at the next submit or at :meth:`drain`."""
-
-    def __init__(self, depth: int = 4) -> None:
-        self.depth = depth
-        self.pool: ThreadPoolExecutor | None = None
-        self.pending: deque[Future] = deque()
-
-    def submit(self, function, *args) -> None:
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-        while len(self.pending) >= self.depth:
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(function, *args))
-
-    def drain(self) -> None:
-        """Wait for every submitted write; raise the first error."""
-        while self.pending:
-            self.pending.popleft().result()
 
 
 class StoreWriter(BasePredictionWriter):

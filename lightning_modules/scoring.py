@@ -140,7 +140,8 @@ class DiffusionScorer(L.LightningModule):
         kept = keep_patches(pool_scores(maps, window).cpu(), window, self.top_k, batch.geometry,
                             prior.downsample_factor)
         patch_size = self.patch_size or batch.images.shape[-1]
-        patches = torch.stack([crop_and_resize(batch.originals[p.image], p.box, patch_size) for p in kept])
+        patches = torch.stack([crop_and_resize(batch.originals[p.image].to(self.device, non_blocking=True), p.box,
+                                               patch_size) for p in kept])  # on the accelerator: no CPU resampling
         labels = batch.labels[torch.tensor([p.image for p in kept], device=batch.labels.device)]
         features = self.patch_features(patches, labels, [(batch.image_ids[p.image], p.rank) for p in kept])
         return patch_rows(batch, kept, maps.cpu().numpy(), features.cpu().numpy())

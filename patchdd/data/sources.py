@@ -313,9 +313,9 @@ def seeded_subset(labels: Sequence[int], max_per_class: int | None, seed: int) -
     return sorted(chosen)
 
 
-def reopen_source(data: dict, root: str | None = None) -> ImageSource:
-    """The images a store's manifest ``data`` entry describes (the real data module's ``class_path``,
-    ``init_args`` and ``split``); ``root`` replaces ``init_args["root"]`` (for images that have moved)."""
+def reopen_data_module(data: dict, root: str | None = None):
+    """The real data module a store's manifest ``data`` entry describes (its ``class_path`` and ``init_args``);
+    ``root`` replaces ``init_args["root"]`` (for images that have moved). Nothing is scanned yet."""
     try:
         class_path = data["class_path"]
         if class_path.startswith("datamodules."):  # stores written before the modules moved under `patchdd`
@@ -327,7 +327,12 @@ def reopen_source(data: dict, root: str | None = None) -> ImageSource:
     init_args = dict(data.get("init_args", {}))
     if root is not None:
         init_args["root"] = root
-    return module_class(**init_args).source(data.get("split", "train"))
+    return module_class(**init_args)
+
+
+def reopen_source(data: dict, root: str | None = None) -> ImageSource:
+    """The images a store's manifest ``data`` entry describes (its data module's ``source(split)``, scanned)."""
+    return reopen_data_module(data, root).source(data.get("split", "train"))
 
 
 def data_fingerprint(source: ImageSource, folders: Sequence[str], root: str | Path | None) -> dict:

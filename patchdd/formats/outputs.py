@@ -1,5 +1,6 @@
 """Outputs that are never half-written and never shared: a folder is built beside its target and renamed into
-place when complete; a lock file keeps a second run from writing into the same output at the same time."""
+place when complete; a lock file keeps a second run from writing into the same output at the same time; writes
+can run on background threads (:class:`BackgroundWrites`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import fcntl
 import os
 import shutil
 import uuid
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,3 +71,26 @@ def replace_directory(source: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(source, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class BackgroundWrites:
+    """Writes on background threads, so that the caller (the accelerator, the next class) does not wait for
+    encoding and the file system: store shards on one thread, PNGs on one per core. At most ``depth`` writes wait
+    at a time (the next submit blocks), and an error in a write is raised at the next submit or at :meth:`drain`."""
+
+    def __init__(self, depth: int = 4, workers: int = 1) -> None:
+        self.depth, self.workers = depth, workers
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: deque[Future] = deque()
+
+    def submit(self, function, *args) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="background-writes")
+        while len(self.pending) >= self.depth:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(function, *args))
+
+    def drain(self) -> None:
+        """Wait for every submitted write; raise the first error."""
+        while self.pending:
+            self.pending.popleft().result()

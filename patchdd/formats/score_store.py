@@ -4,6 +4,7 @@ Layout of a store directory::
 
     manifest.json            format name + version, the scoring settings, data description, class mapping
     shards/rank{R}-{S}.parquet   one row per (image, kept patch), written atomically, S counts up per rank
+    index/rows-{hash}.parquet    Stage II's cached row index (metadata + where each row lives), per content hash
 
 Row columns (Parquet, readable with ``pyarrow.parquet.read_table`` alone):
 
@@ -25,17 +26,21 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from patchdd.formats.stores import MANIFEST_FILE, Manifest, ManifestStore  # noqa: F401 (Manifest, MANIFEST_FILE re-exported)
 
 FORMAT_NAME = "patchdd-score-store"
 FORMAT_VERSION = 1
+INDEX_DIR = "index"  # the cached row index of Stage II (rows-<content hash>.parquet)
 
 SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -166,11 +171,42 @@ class ScoreStore(ManifestStore):
         paths = self.shard_paths()
         if not paths:
             return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-        needed = None if columns is None else sorted(set(columns) | {"image_id", "patch", "label"})
-        table = pa.concat_tables([pq.read_table(p, columns=needed) for p in paths])
-        table = _drop_duplicate_rows(table)
-        table = table.sort_by([("label", "ascending"), ("image_id", "ascending"), ("patch", "ascending")])
-        return table if columns is None else table.select(columns)
+        needed = None if columns is None else sorted(set(columns) | set(KEY_COLUMNS))
+        table = unique_sorted_rows(read_shards(paths, needed))
+        return table.drop_columns(["shard", "shard_row"]).select(columns or SCHEMA.names)
+
+    def row_index(self) -> pa.Table:
+        """The metadata of every row (``INDEX_COLUMNS``) with the shard and the row in it that holds the rest,
+        sorted like :meth:`read_arrow`. Built once per store content and cached in ``index/`` (Stage II reads the
+        store's 20,000 shards once, not on every distillation)."""
+        paths = self.shard_paths()
+        cached = self.directory / INDEX_DIR / f"rows-{self.content_hash()}.parquet"
+        if cached.is_file():
+            return pq.read_table(cached)
+        if not paths:
+            return unique_sorted_rows([SCHEMA.empty_table().select(INDEX_COLUMNS)])
+        table = unique_sorted_rows(read_shards(paths, INDEX_COLUMNS))
+        cached.parent.mkdir(exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex[:8]}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, cached)
+        for stale in cached.parent.glob("rows-*.parquet"):
+            if stale != cached:
+                stale.unlink(missing_ok=True)
+        return table
+
+    def read_rows(self, shards: np.ndarray, shard_rows: np.ndarray, column: str) -> pa.Array:
+        """``column`` of the rows at (``shards[i]``, ``shard_rows[i]``), in that order; only those shards are read."""
+        paths = self.shard_paths()
+        wanted = np.unique(shards)
+        parts = dict(zip(wanted.tolist(), read_shards([paths[i] for i in wanted], [column], add_position=False)))
+        pieces = [parts[int(shard)].column(column).take(pa.array(shard_rows[shards == shard]))
+                  for shard in wanted]
+        values = pa.concat_arrays([p.combine_chunks() for p in pieces]) if pieces else pa.array([], SCHEMA.field(
+            column).type)
+        order = np.concatenate([np.flatnonzero(shards == shard) for shard in wanted]) if len(wanted) else np.zeros(
+            0, np.int64)
+        return values.take(pa.array(np.argsort(order)))
 
     def read(self, with_maps: bool = False) -> PatchTable:
         """All rows as arrays; the score maps (the bulk of a store) only when asked for."""
@@ -192,12 +228,39 @@ class ScoreStore(ManifestStore):
         return digest.hexdigest()[:16]
 
 
-def _drop_duplicate_rows(table: pa.Table) -> pa.Table:
-    keys = list(zip(table.column("image_id").to_pylist(), table.column("patch").to_pylist()))
-    seen: set = set()
-    keep = []
-    for i, key in enumerate(keys):
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return table if len(keep) == len(keys) else table.take(pa.array(keep))
+KEY_COLUMNS = ("image_id", "patch", "label")
+INDEX_COLUMNS = ["image_id", "label", "width", "height", "patch", "box", "score"]
+READ_THREADS = 8
+
+
+def read_shards(paths: list[Path], columns: list[str] | None, add_position: bool = True) -> list[pa.Table]:
+    """The shards' ``columns``, read on ``READ_THREADS`` threads (many small files: the reads wait on the disk);
+    with ``add_position`` each table gains ``shard`` (its position in ``paths``) and ``shard_row``."""
+
+    def read(position: int) -> pa.Table:
+        table = pq.read_table(paths[position], columns=columns)
+        if not add_position:
+            return table
+        return table.append_column("shard", pa.array(np.full(table.num_rows, position, np.int32))).append_column(
+            "shard_row", pa.array(np.arange(table.num_rows, dtype=np.int32)))
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return list(pool.map(read, range(len(paths))))
+
+
+def unique_sorted_rows(tables: list[pa.Table]) -> pa.Table:
+    """The rows sorted by label, image, patch, one per (image, patch): a row written twice (a shard rewritten
+    after a crash) is kept from its first shard."""
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if "shard" not in table.column_names:
+        table = table.append_column("shard", pa.array(np.zeros(table.num_rows, np.int32))).append_column(
+            "shard_row", pa.array(np.arange(table.num_rows, dtype=np.int32)))
+    table = table.sort_by([("label", "ascending"), ("image_id", "ascending"), ("patch", "ascending"),
+                           ("shard", "ascending"), ("shard_row", "ascending")])
+    if table.num_rows < 2:
+        return table
+    ids, patches = table.column("image_id"), table.column("patch")
+    repeated = pc.and_(pc.equal(ids.slice(1), ids.slice(0, table.num_rows - 1)),
+                       pc.equal(patches.slice(1), patches.slice(0, table.num_rows - 1)))
+    keep = np.concatenate([[True], ~repeated.to_numpy(zero_copy_only=False)])
+    return table if keep.all() else table.filter(pa.array(keep))

@@ -19,6 +19,7 @@ plain ImageFolder.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from patchdd.data.sources import ClassMapping, list_class_folders, open_rgb, scan_class_folders
 from patchdd.errors import DataError
+from patchdd.formats.outputs import BackgroundWrites
 from patchdd.formats.synthetic_set import SyntheticSet
 from patchdd.methods.selection import Picks
 
@@ -81,29 +83,42 @@ class SyntheticFolderWriter:
         self.columns: dict[str, list] = {}
         self.image_size = 0
         self.count = 0
+        self.writes = BackgroundWrites(depth=4 * (os.cpu_count() or 1), workers=os.cpu_count() or 1)
 
     def add(self, label: int, images: torch.Tensor, picks: Picks) -> None:
-        """The images (uint8 (N, 3, H, W)) of class ``label`` and the picks they were made from."""
+        """The images (uint8 (N, 3, H, W)) of class ``label`` and the picks they were made from; the PNGs and the
+        contact sheet are encoded on background threads (one per core)."""
         folder = self.classes.folders[label]
         (self.directory / folder).mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(self.directory / folder / image_name(i, len(images)))
+            self.writes.submit(save_png, image, self.directory / folder / image_name(i, len(images)))
         for name, values in tile_columns(folder, len(images), self.grid, picks).items():
             self.columns.setdefault(name, []).extend(values)
         self.image_size, self.count = int(images.shape[-1]), self.count + len(images)
         if self.contact_sheet_dir is not None:
             Path(self.contact_sheet_dir).mkdir(parents=True, exist_ok=True)
-            sheet = contact_sheet(images, f"{self.classes.names[label]} ({folder}) - {self.title}")
-            sheet.save(Path(self.contact_sheet_dir) / f"{folder}.png")
+            self.writes.submit(save_contact_sheet, images, f"{self.classes.names[label]} ({folder}) - {self.title}",
+                               Path(self.contact_sheet_dir) / f"{folder}.png")
 
     def close(self, info: dict) -> Path:
-        """Write ``tiles.parquet`` and ``synthetic.json`` (``info`` + format, classes, grid, image size, count)."""
+        """Wait for the images, then write ``tiles.parquet`` and ``synthetic.json`` (``info`` + format, classes,
+        grid, image size, count)."""
+        self.writes.drain()
         table = pa.table(self.columns)
         table = table.set_column(table.schema.get_field_index("box"), "box",
                                  table.column("box").cast(pa.list_(pa.int64(), 4)))
         pq.write_table(table, self.directory / TILES_FILE)
         write_set_info(self.directory, self.classes, "patches", self.grid, self.image_size, self.count, info)
         return self.directory
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """A uint8 (3, H, W) image as a PNG."""
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
+def save_contact_sheet(images: torch.Tensor, title: str, path: Path) -> None:
+    contact_sheet(images, title).save(path)
 
 
 def write_set_info(directory: Path, classes: ClassMapping, kind: str, grid: int, image_size: int, count: int,
@@ -126,7 +141,7 @@ def finish_generated_set(directory: str | Path, classes: ClassMapping, provenanc
         image_size, count = int(images.shape[-1]), count + len(images)
         if contact_sheet_dir is not None:
             Path(contact_sheet_dir).mkdir(parents=True, exist_ok=True)
-            contact_sheet(images, f"{name} ({folder}) - {title}").save(Path(contact_sheet_dir) / f"{folder}.png")
+            save_contact_sheet(images, f"{name} ({folder}) - {title}", Path(contact_sheet_dir) / f"{folder}.png")
     write_set_info(directory, classes, "generated", 1, image_size, count, info)
     return directory
 

@@ -15,7 +15,9 @@ class PatchSelector(Protocol):
     """Chooses, per class, the patches (source image + box in original pixels) that make its synthetic images.
 
     ``name`` is the method's registry name; ``options`` what decided its picks (recorded in ``synthetic.json``).
-    A method whose picks are whole images sets ``composes = False``: its images are never tiled.
+    A method whose picks are whole images sets ``composes = False``: its images are never tiled. A method may
+    also define ``prepare(rows_by_class)``, called once with every class's rows before the first ``pick``, to do
+    its per-class work in parallel.
     """
 
     name: ClassVar[str]

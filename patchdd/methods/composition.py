@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from patchdd.data.sources import ImageSource, reopen_source
+from patchdd.data.sources import ImageSource, open_rgb, reopen_data_module
 from patchdd.errors import DataError
 
 
@@ -67,11 +68,15 @@ def tile_images(tiles: np.ndarray, grid: int) -> torch.Tensor:
 
 
 class OriginalImages:
-    """The original images a store was scored on, opened by image id."""
+    """The original images a store was scored on, opened by image id: for file-based data straight from the
+    split's folder (``folder / id``: nothing is listed, only the picked images are touched), otherwise through the
+    data module's image source."""
 
-    def __init__(self, source: ImageSource) -> None:
-        self.source = source
-        self.position = {image_id: i for i, image_id in enumerate(source.ids)}
+    def __init__(self, source: ImageSource | None = None, folder: Path | None = None) -> None:
+        if (source is None) == (folder is None):
+            raise ValueError("OriginalImages needs an image source or an image folder")
+        self.source, self.folder = source, folder
+        self.position = {image_id: i for i, image_id in enumerate(source.ids)} if source is not None else {}
 
     @classmethod
     def from_data_spec(cls, data: dict, root: str | None = None) -> "OriginalImages":
@@ -79,13 +84,23 @@ class OriginalImages:
 
         ``root`` replaces ``init_args["root"]`` (for a store whose images have moved).
         """
-        return cls(reopen_source(data, root))
+        module, split = reopen_data_module(data, root), data.get("split", "train")
+        if hasattr(module, "image_folder"):
+            folder = Path(module.image_folder(split))
+            if not folder.is_dir():
+                raise DataError(f"data folder does not exist: {folder} (moved? pass images_root=...)")
+            return cls(folder=folder)
+        return cls(source=module.source(split))
 
     def load(self, image_id: str) -> Image.Image:
-        if image_id not in self.position:
-            raise DataError(f"image {image_id!r} of the store is not in the data source any more "
-                            f"(moved or deleted? pass images_root=...)")
-        return self.source.load(self.position[image_id])
+        if self.folder is not None:
+            path = self.folder / image_id
+            if path.is_file():
+                return open_rgb(path)
+        elif image_id in self.position:
+            return self.source.load(self.position[image_id])
+        raise DataError(f"image {image_id!r} of the store is not in the data source any more "
+                        f"(moved or deleted? pass images_root=...)")
 
     def crops(self, image_ids: Sequence[str], boxes: np.ndarray, size: int) -> np.ndarray:
         """``crop_patch`` for every (image, box), each image opened once: uint8 (N, size, size, 3)."""

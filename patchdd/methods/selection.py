@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -139,6 +140,7 @@ class ClusterCache:
         self.directory = Path(directory)
         self._memory: dict[str, Clustering] = {}
         self.computed = 0  # clusterings computed (not read back) by this object
+        self._lock = threading.Lock()  # classes may be clustered on several threads
 
     @staticmethod
     def key(store_hash: str, folder: str, options: ClusterOptions) -> str:
@@ -157,7 +159,8 @@ class ClusterCache:
         clustering = _read_clustering(path, digest)
         if clustering is None:
             clustering = cluster_features(features(), options)
-            self.computed += 1
+            with self._lock:
+                self.computed += 1
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{key}.{os.getpid()}.tmp.npz")  # ranks may write the same key at once
             np.savez(tmp, assignment=clustering.assignment, distance=clustering.distance, rows=np.array(digest))

@@ -9,24 +9,26 @@ from patchdd.errors import StoreError, StoreMismatchError
 from patchdd.formats.score_store import ScoreStore
 from patchdd.formats.stores import settings_difference
 
-META_COLUMNS = ["image_id", "label", "width", "height", "patch", "box", "score"]
-
-
 class StoreIndex:
-    """A store's rows without score maps: metadata as arrays, DIFT vectors read on first use."""
+    """A store's rows without score maps: metadata as arrays (from the store's cached row index), DIFT vectors read
+    per class from the shards that hold them."""
 
     def __init__(self, store: ScoreStore) -> None:
         self.store = store
         self.classes = ClassMapping.from_json(store.manifest.classes)
-        table = store.read_arrow(META_COLUMNS)
-        self.image_ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
+        table = store.row_index()
+        self.image_ids = table.column("image_id").to_numpy(zero_copy_only=False).astype(object)
         self.labels = table.column("label").to_numpy().astype(np.int64)
         self.sizes = np.stack([table.column("width").to_numpy(), table.column("height").to_numpy()], 1).astype(np.int64)
         self.patch_index = table.column("patch").to_numpy().astype(np.int64)
-        self.boxes = np.asarray(table.column("box").to_pylist(), np.int64).reshape(len(self.labels), 4)
+        boxes = table.column("box").combine_chunks() if table.num_rows else None
+        self.boxes = (boxes.flatten().to_numpy().astype(np.int64).reshape(-1, 4) if boxes is not None
+                      else np.zeros((0, 4), np.int64))
         self.scores = table.column("score").to_numpy().astype(np.float32)
+        self.shards = table.column("shard").to_numpy()
+        self.shard_rows = table.column("shard_row").to_numpy()
         self.content_hash = store.content_hash()
-        self._features = None
+
 
     def setting(self, name: str):
         if name not in self.store.manifest.settings:
@@ -34,16 +36,18 @@ class StoreIndex:
         return self.store.manifest.settings[name]
 
     def rows_of(self, folder: str) -> np.ndarray:
-        return np.flatnonzero(self.labels == self.classes.index(folder))
+        """The rows of a class (rows are sorted by label: one contiguous range)."""
+        label = self.classes.index(folder)
+        start, stop = np.searchsorted(self.labels, [label, label + 1])
+        return np.arange(start, stop)
 
     def row_ids(self, rows: np.ndarray) -> list[str]:
         return [f"{self.image_ids[r]}#{self.patch_index[r]}" for r in rows]
 
     def features(self, rows: np.ndarray) -> np.ndarray:
-        """DIFT vectors (float32) of ``rows``; the feature column is read once, kept as float16."""
-        if self._features is None:
-            self._features = self.store.read_arrow(["feature"]).column("feature").combine_chunks()
-        picked = self._features.take(rows)
+        """DIFT vectors (float32) of ``rows``, read from the shards that hold them (a class's rows: a few dozen
+        shards, never the whole store)."""
+        picked = self.store.read_rows(self.shards[rows], self.shard_rows[rows], "feature")
         return picked.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(rows), -1)
 
     def images_of(self, rows: np.ndarray) -> np.ndarray:

@@ -59,6 +59,8 @@ def synthesize_classes(index: StoreIndex, images: OriginalImages, classes: Class
     layout = layout_for(ipc, layout_options)
     count = patch_count(ipc, layout_options)
     check_capacity(index, selector, classes.folders, count, ipc)
+    if hasattr(selector, "prepare"):  # per-class work that can run in parallel (the diffusion method's k-means)
+        selector.prepare({folder: index.rows_of(folder) for folder in classes.folders})
     for label, folder in enumerate(tqdm(classes.folders, desc=f"IPC {ipc} ({selector.name})", disable=not progress)):
         picks = selector.pick(label, folder, index.rows_of(folder), count, layout)
         yield label, tile_images(images.crops(picks.image_ids, picks.boxes, layout.tile), layout.grid), picks

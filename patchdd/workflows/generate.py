@@ -10,7 +10,10 @@ the sets are written in the same folder format as ``distill``'s, with ``provenan
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
+from contextlib import nullcontext
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -68,13 +71,31 @@ def pending_batches(items: Sequence[WorkItem], batches: list[list[int]], directo
     return [b for b in batches if not all((directory / items[i].file).is_file() for i in b)]
 
 
-def prepare_building(building: Path, settings: dict) -> None:
-    """Resume ``building`` when it was started with the same settings; otherwise start it afresh."""
+def prepare_building(building: Path, settings: dict, is_global_zero: bool = True, wait_seconds: float = 600) -> None:
+    """Resume ``building`` when it was started with the same settings; otherwise start it afresh. Only global rank 0
+    changes it; the other ranks (started at once under SLURM) wait until it records these settings, so that every
+    rank plans from the same folder."""
     record = building / SETTINGS_FILE
-    if building.exists() and (not record.is_file() or json.loads(record.read_text()) != settings):
+
+    def recorded() -> dict | None:
+        try:
+            return json.loads(record.read_text())
+        except (OSError, ValueError):
+            return None
+
+    if not is_global_zero:
+        deadline = time.monotonic() + wait_seconds
+        while recorded() != settings:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not prepare {building} within {wait_seconds:.0f} s")
+            time.sleep(0.5)
+        return
+    if building.exists() and recorded() != settings:
         shutil.rmtree(building)
     building.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=1))
+    tmp = record.with_name(f"{record.name}.tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, record)
 
 
 def generate(
@@ -147,17 +168,21 @@ def generate(
     if method == "d3hr":
         options |= {"d3hr": asdict(d3hr), "stats": str(Path(stats).resolve())}
     targets = {n: Path(out) / f"ipc{n}" for n in ipc}
-    with exclusive_output(out):
+    writer = SyntheticImageWriter({n: str(Path(out) / f".ipc{n}.building") for n in ipc}, output_size, resize_filter)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
+                        logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=progress, use_distributed_sampler=False, callbacks=[writer])
+    with exclusive_output(out) if trainer.is_global_zero else nullcontext():
         existing = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
         if existing and not overwrite:
             raise FileExistsError(f"output folders exist: {existing} (pass --overwrite true to replace them)")
         sums = store.sums() if store is not None else None
         items: list[WorkItem] = []
         batches: list[list[int]] = []
-        buildings = {n: Path(out) / f".ipc{n}.building" for n in ipc}
+        buildings = {n: Path(d) for n, d in writer.directories.items()}
         for n in ipc:
             prepare_building(buildings[n], {"method": method, "prior_hash": prior_hash, "ipc": n,
-                                            "classes": list(mapping.folders), **options})
+                                            "classes": list(mapping.folders), **options}, trainer.is_global_zero)
             if method == "d3hr":
                 planned = group_items(mapping, model_labels, n, seed, sums, available.folders,
                                       module.dit.latent_shape, d3hr, group_device)
@@ -168,10 +193,6 @@ def generate(
             items += planned
         print(f"generate ({method}): {len(items)} images planned, {sum(map(len, batches))} to make "
               f"({len(batches)} batches of up to {batch_size})", flush=True)
-        writer = SyntheticImageWriter({n: str(b) for n, b in buildings.items()}, output_size, resize_filter)
-        trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-                            logger=False, enable_checkpointing=False, enable_model_summary=False,
-                            enable_progress_bar=progress, use_distributed_sampler=False, callbacks=[writer])
         if batches:
             trainer.predict(module, datamodule=WorkItemDataModule(items, batches), return_predictions=False)
             trainer.strategy.barrier("generated")  # every rank's images are written before rank 0 describes them
