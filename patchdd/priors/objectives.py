@@ -120,3 +120,59 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, chroma_
 def latent_scale_of(latents: torch.Tensor) -> float:
     """The factor that gives the latents unit standard deviation (SD's ``scaling_factor``)."""
     return 1.0 / latents.float().std().clamp_min(1e-6).item()
+
+
+# --------------------------------------------------------------------- the learned-variance (IDDPM hybrid) term
+
+
+def normal_kl(mean_a: torch.Tensor, log_var_a: torch.Tensor, mean_b: torch.Tensor,
+              log_var_b: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_a, exp(log_var_a)) || N(mean_b, exp(log_var_b))), elementwise, in nats."""
+    return 0.5 * (-1.0 + log_var_b - log_var_a + torch.exp(log_var_a - log_var_b)
+                  + (mean_a - mean_b) ** 2 * torch.exp(-log_var_b))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of ``x`` (in [-1, 1], 256 bins) under a Gaussian discretised to those bins, elementwise
+    (IDDPM's decoder term; DiT applies it to latents as they are)."""
+
+    def cdf(value: torch.Tensor) -> torch.Tensor:  # the tanh approximation of the standard normal CDF
+        return 0.5 * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (value + 0.044715 * value**3)))
+
+    centred, inverse_std = x - mean, torch.exp(-log_scale)
+    cdf_plus, cdf_min = cdf(inverse_std * (centred + 1.0 / 255)), cdf(inverse_std * (centred - 1.0 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def variational_bound_terms(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noisy: torch.Tensor,
+                            timesteps: torch.Tensor, eps: torch.Tensor, variance_values: torch.Tensor) -> torch.Tensor:
+    """IDDPM's L_vlb per sample, in bits (the term that trains a learned-range variance, ``loss = mse + vb``).
+
+    At t > 0 the KL between the true posterior q(x_{t-1} | x_t, x_0) and the model's Gaussian; at t = 0 the
+    discretised decoder's negative log-likelihood. The model's mean comes from ``eps``, which the caller detaches
+    (the term trains only the variance), its log-variance interpolates log(beta_t) and the clipped posterior
+    log-variance by ``(variance_values + 1) / 2``.
+    """
+    shape = (-1,) + (1,) * (latents.dim() - 1)
+    abar = alphas_cumprod.to(latents.device).double()
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    beta = 1 - abar / abar_prev
+    posterior = beta * (1 - abar_prev) / (1 - abar)
+    posterior_log_clipped = torch.log(torch.cat([posterior[1:2], posterior[1:]]))
+    coef_x0 = beta * abar_prev.sqrt() / (1 - abar)
+    coef_xt = (1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)
+
+    def at(values: torch.Tensor) -> torch.Tensor:
+        return values[timesteps].view(shape).to(latents.dtype)
+
+    true_mean = at(coef_x0) * latents + at(coef_xt) * noisy
+    predicted_x0 = (noisy - at((1 - abar).sqrt()) * eps) / at(abar.sqrt())
+    model_mean = at(coef_x0) * predicted_x0 + at(coef_xt) * noisy
+    fraction = (variance_values + 1) / 2
+    model_log_var = fraction * at(torch.log(beta)) + (1 - fraction) * at(posterior_log_clipped)
+    kl = normal_kl(true_mean, at(posterior_log_clipped), model_mean, model_log_var).flatten(1).mean(1)
+    nll = -discretized_gaussian_log_likelihood(latents, model_mean, 0.5 * model_log_var).flatten(1).mean(1)
+    return torch.where(timesteps == 0, nll, kl) / torch.log(torch.tensor(2.0))

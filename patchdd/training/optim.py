@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -45,3 +47,42 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         (decay if "weight" in name and param.ndim > 1 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ExponentialAverage:
+    """An exponential moving average of named parameters (DiT's EMA, decay 0.9999): ``update`` after each
+    optimiser step, ``swapped`` to use the averages in place (to export them), ``state`` / ``load`` for checkpoints."""
+
+    def __init__(self, parameters: dict[str, nn.Parameter], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {name: p.detach().clone() for name, p in parameters.items()}
+
+    @torch.no_grad()
+    def update(self, parameters: dict[str, nn.Parameter]) -> None:
+        for name, p in parameters.items():
+            shadow = self.shadow[name]
+            if shadow.device != p.device:
+                self.shadow[name] = shadow = shadow.to(p.device)
+            shadow.lerp_(p.detach(), 1.0 - self.decay)
+
+    @contextmanager
+    def swapped(self, parameters: dict[str, nn.Parameter]) -> Iterator[None]:
+        """Inside the context the parameters hold their averages; afterwards their own values again."""
+        saved = {name: p.detach().clone() for name, p in parameters.items()}
+        with torch.no_grad():
+            for name, p in parameters.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in parameters.items():
+                    p.copy_(saved[name])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: t.cpu() for name, t in self.shadow.items()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow = {name: t.clone() for name, t in state.items()}
