@@ -1,4 +1,6 @@
-"""Generation as a predict loop: batches of planned work items (:mod:`patchdd.generation.plan`) -> uint8 images.
+"""Generation as a predict loop: batches of planned work items (:mod:`patchdd.generation.plan`) -> uint8 images:
+DiT sampling (:class:`LatentGenerator`: dit, d3hr, Minimax / seed-001 priors) and D4M's img2img
+(:class:`PromptedImg2Img`).
 
 :class:`LatentGenerator` samples each item's latent with a DiT prior under classifier-free guidance, from Gaussian
 noise drawn from the item's own seed or from the item's starting latent at a restart timestep (D3HR), and decodes
@@ -10,11 +12,14 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from diffusers import PNDMScheduler
 
-from patchdd.generation.plan import SamplingOptions, WorkBatch
+from patchdd.data.sources import ClassMapping
+from patchdd.generation.plan import D4MOptions, SamplingOptions, WorkBatch
 from patchdd.generation.sampling import (ancestral_sample, ancestral_scheduler, ddim_sample, ddim_schedulers,
                                          guided_model, restart_index)
 from patchdd.priors.dit import DEFAULT_DIT, DiTPrior, load_dit_prior
+from patchdd.priors.sd import DEFAULT_PRIOR, load_prior
 
 SAMPLERS = ("ddim", "ancestral")
 
@@ -72,3 +77,58 @@ class LatentGenerator(L.LightningModule):
         else:
             latents = ddim_sample(model_fn, latents, self.scheduler, self.start_index)
         return self.dit.decode(latents.float()).cpu(), batch.items
+
+
+class PromptedImg2Img(L.LightningModule):
+    """D4M's generation: text-conditioned img2img from each item's starting latent (its class's k-means prototype)
+    with an SD-layout prior, through diffusers' ``StableDiffusionImg2ImgPipeline`` (a 4-channel ``image`` is taken as
+    latents: nothing is re-encoded), PNDM, classifier-free guidance against a negative prompt.
+
+    Args:
+        prior: SD-layout folder or hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``; the toy prior offline).
+        options: strength, guidance, steps, prompts (``D4MOptions``).
+        revision: hub revision of the prior.
+    """
+
+    def __init__(self, prior: str = DEFAULT_PRIOR, options: D4MOptions = D4MOptions(),
+                 revision: str | None = None) -> None:
+        super().__init__()
+        self.options = options
+        self.prior = load_prior(prior, revision)
+        self.scheduler = PNDMScheduler.from_config(self.prior.scheduler.config, skip_prk_steps=True)
+        self.names: dict[str, str] = {}
+        self._pipeline = None
+
+    def use_classes(self, classes: ClassMapping) -> None:
+        """The display names the prompts use, by class folder."""
+        self.names = dict(zip(classes.folders, classes.names))
+
+    @property
+    def start_timestep_used(self) -> int:
+        """The timestep img2img starts from (diffusers' rule: ``timesteps[(steps - int(steps x strength)) x order]``)."""
+        self.scheduler.set_timesteps(self.options.steps)
+        start = self.options.steps - min(int(self.options.steps * self.options.strength), self.options.steps)
+        return int(self.scheduler.timesteps[start * self.scheduler.order])
+
+    def pipeline(self):
+        if self._pipeline is None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            prior = self.prior
+            self._pipeline = StableDiffusionImg2ImgPipeline(
+                vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer, unet=prior.unet,
+                scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+    @torch.no_grad()
+    def predict_step(self, batch: WorkBatch, batch_idx: int = 0) -> tuple[torch.Tensor, list]:
+        """uint8 images (B, 3, H, W) on the CPU, and the batch's items."""
+        options = self.options
+        prompts = [options.prompt_template.format(name=self.names[item.folder]) for item in batch.items]
+        images = self.pipeline()(prompt=prompts, negative_prompt=[options.negative_prompt] * len(prompts),
+                                 image=batch.inits.to(self.device), strength=options.strength,
+                                 guidance_scale=options.cfg_scale, num_inference_steps=options.steps,
+                                 generator=[torch.Generator().manual_seed(item.seed) for item in batch.items],
+                                 output_type="pt").images
+        return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu(), batch.items

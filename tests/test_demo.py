@@ -40,7 +40,8 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
         "model.init_args.steps": 10, "data.init_args.num_workers": 0})
     generators = {"dit": _reduced("configs/generate/toy_dit.yaml", tmp_path, {"sampling.steps": 10}),
                   "d3hr": _reduced("configs/generate/toy_d3hr.yaml", tmp_path, {
-                      "sampling.steps": 10, "d3hr.candidates": 128, "d3hr.block_size": 64})}
+                      "sampling.steps": 10, "d3hr.candidates": 128, "d3hr.block_size": 64}),
+                  "d4m": _reduced("configs/generate/toy_d4m.yaml", tmp_path, {"d4m.steps": 5, "d4m.image_size": 32})}
     out = tmp_path / "demo"
     kwargs = dict(out=str(out), data=str(data), prior=str(prior), teacher_config=teacher, score_config=score,
                   student_configs=["configs/student/rded_defaults.yaml", student], ipcs=[1, 2],
@@ -52,15 +53,15 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     main = rows[:rows.index(next(r for r in rows if FULL_DATA_ROW in r)) + 1]
     assert [row.split("|")[1].strip() for row in main] == ["diffusion", "random", "rded", "random_real", "dit", "d3hr",
-                                                           FULL_DATA_ROW]
-    for row in main[:6]:
+                                                           "d4m", FULL_DATA_ROW]
+    for row in main[:7]:
         cells = [c.strip() for c in row.split("|")[2:-1]]
         assert len(cells) == 4 and all(c and c != "failed" for c in cells), row
         assert "±" in cells[0] and "±" in cells[1]  # two seeds: mean ± std
     assert "generated" in main[5] and "generated" not in main[0]  # no source patches to localise
     for name in ("results.png", "contact_sheet.png", "results.json"):
         assert (out / name).stat().st_size > 0
-    assert len(list((out / "students").rglob("summary.json"))) == 2 * 6 * 2 * 2  # IPCs x methods x seeds x protocols
+    assert len(list((out / "students").rglob("summary.json"))) == 2 * 7 * 2 * 2  # IPCs x methods x seeds x protocols
     assert "| generation (d3hr) |" in table and "D3HR inversion statistics" in table
     assert "## Fairness panel" in table and "## Cost ledger" in table
     panel = next(line for line in table.splitlines() if line.startswith("| diffusion |") and "LRS" not in line
@@ -74,7 +75,7 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
     results = table.partition("## Cost ledger")[0]
     assert again.partition("## Cost ledger")[0] == results  # the same results; the ledger says what ran this time
     assert "done before" in again.partition("## Cost ledger")[2]
-    assert len(list((out / "students").rglob("summary.json"))) == 48
+    assert len(list((out / "students").rglob("summary.json"))) == 56
     assert (out / "students" / "results.csv").stat().st_mtime >= stamp
 
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -363,3 +364,47 @@ def test_the_committed_toy_dit_makes_images_the_toy_teacher_recognises(tmp_path,
     with torch.no_grad():
         predicted = teacher(normalize(synthetic.images, IMAGENET_MEAN, IMAGENET_STD)).argmax(1)
     assert (predicted == synthetic.labels).float().mean() > 0.45
+
+
+# --- D4M ----------------------------------------------------------------------------------------------------------
+
+
+def test_d4m_prototypes_fit_every_chunk_of_every_class():
+    from patchdd.errors import NotEnoughPatchesError
+    from patchdd.generation.prototypes import kmeans_prototypes, partial_fit_chunks
+
+    chunks = partial_fit_chunks(23, 10, km_expand=1)
+    assert [c.stop - c.start for c in chunks] == [10, 10, 3]  # floor(23 / 10) chunks and the leftover one
+    assert len(partial_fit_chunks(40, 5, km_expand=2)) == 4
+    latents = np.random.default_rng(0).standard_normal((23, 12))
+    first = kmeans_prototypes(latents, 10)
+    assert first.shape == (10, 12) and np.array_equal(first, kmeans_prototypes(latents, 10))
+    assert kmeans_prototypes(latents, 4, mode="full").shape == (4, 12)
+    with pytest.raises(NotEnoughPatchesError, match="cannot give 30 prototypes"):
+        kmeans_prototypes(latents, 30)
+
+
+def test_d4m_img2img_starts_where_diffusers_starts(prior_dir):
+    from patchdd.generation.plan import D4MOptions
+    from patchdd.lightning_modules.generation import PromptedImg2Img
+
+    module = PromptedImg2Img(str(prior_dir), D4MOptions(steps=50, strength=0.7))
+    module.scheduler.set_timesteps(50)  # what the pipeline does before asking where img2img starts
+    pipeline_timesteps, _ = module.pipeline().get_timesteps(50, 0.7, "cpu")
+    assert module.start_timestep_used == int(pipeline_timesteps[0]) == int(module.scheduler.timesteps[15])
+    module.options = D4MOptions(steps=50, strength=1.0)
+    assert module.start_timestep_used == int(module.scheduler.timesteps[0])
+
+
+def test_generate_d4m_writes_prototype_sets(toy_root, prior_dir, tmp_path):
+    from patchdd.generation.plan import D4MOptions
+
+    options = D4MOptions(image_size=32, steps=4, prompt_template="An image of {name}", negative_prompt="")
+    generate("d4m", str(tmp_path / "out"), str(prior_dir), ipc=[2], data=str(toy_root), d4m=options, batch_size=3,
+             progress=False)
+    synthetic = read_synthetic_folder(tmp_path / "out" / "ipc2")
+    assert synthetic.images.shape == (8, 3, 32, 32) and synthetic.grid == 1
+    rows = pq.read_table(tmp_path / "out" / "ipc2" / PROVENANCE_FILE).to_pylist()
+    assert {r["init"] for r in rows} == {"prototype"} and {r["scheduler"] for r in rows} == {"pndm"}
+    with pytest.raises(ValueError, match="needs --data"):
+        generate("d4m", str(tmp_path / "x"), str(prior_dir), d4m=options)

@@ -65,6 +65,36 @@ class D3HROptions:
 
 
 @dataclass
+class D4MOptions:
+    """D4M's choices (its public code's defaults).
+
+    Args:
+        image_size: the training images are squashed (not cropped) to this side before encoding (D4M: 512; it must
+            be the prior's resolution).
+        latent_mode: ``sample`` the VAE posterior (D4M) or take its ``mean``.
+        kmeans: ``minibatch`` (D4M's MiniBatchKMeans with partial_fit) or ``full``.
+        km_expand: D4M's chunk size factor: partial_fit on chunks of ``km_expand x IPC`` latents.
+        strength: img2img strength (0.7: 35 of 50 steps, from timesteps[15]).
+        cfg_scale: classifier-free guidance against the negative prompt (8).
+        steps: the scheduler's steps (PNDM, 50).
+        prompt_template: the class prompt; ``{name}`` is the class's display name.
+        negative_prompt: D4M's "cartoon, anime, painting".
+        encode_batch: images encoded at once.
+    """
+
+    image_size: int = 512
+    latent_mode: str = "sample"
+    kmeans: str = "minibatch"
+    km_expand: int = 1
+    strength: float = 0.7
+    cfg_scale: float = 8.0
+    steps: int = 50
+    prompt_template: str = "{name}"
+    negative_prompt: str = "cartoon, anime, painting"
+    encode_batch: int = 32
+
+
+@dataclass
 class WorkItem:
     """One synthetic image to make."""
 
@@ -130,6 +160,12 @@ def group_items(classes: ClassMapping, model_labels: Sequence[int], ipc: int, se
     return items
 
 
+def prototype_items(classes: ClassMapping, ipc: int, seed: int, prototypes: dict[str, torch.Tensor]) -> list[WorkItem]:
+    """Items that start from each class's prototypes (D4M), one per prototype."""
+    return [WorkItem(label, folder, 0, i, ipc, item_seed(seed, folder, i), prototypes[folder][i])
+            for label, folder in enumerate(classes.folders) for i in range(ipc)]
+
+
 def canonical_batches(items: Sequence[WorkItem], batch_size: int) -> list[list[int]]:
     """Positions of ``items`` cut into consecutive batches of ``batch_size`` (the last one shorter)."""
     return [list(range(start, min(len(items), start + batch_size))) for start in range(0, len(items), batch_size)]
@@ -144,7 +180,8 @@ def provenance_columns(items: Sequence[WorkItem], common: dict) -> dict[str, lis
         "model_label": [item.model_label for item in items],
         "index": [item.index for item in items],
         "seed": [item.seed for item in items],
-        "init": ["noise" if item.init is None else "group" for item in items],
+        "init": ["noise" if item.init is None else "group" if item.group_score is not None else "prototype"
+                 for item in items],
         "group_score": [item.group_score for item in items],
         "group_candidate": [item.group_candidate for item in items],
     }

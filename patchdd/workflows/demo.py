@@ -224,8 +224,8 @@ def demo(
 
     The prior is read from ``prior`` (an SD-layout folder); when it is missing it is trained first with
     ``prior_config``. The generative rows (``generators``: method -> ``generate`` config) use the DiT prior
-    ``dit_prior`` (trained with ``dit_prior_config`` when missing); D3HR's inversion statistics come from
-    ``invert_config``. ``score_config`` and ``distill_config`` may be stacks of files (later ones override), e.g.
+    ``dit_prior`` (trained with ``dit_prior_config`` when missing), D4M the SD-layout ``prior``; D3HR's inversion
+    statistics come from ``invert_config``. ``score_config`` and ``distill_config`` may be stacks of files (later ones override), e.g.
     ``configs/distill/toy.yaml`` plus ``configs/distill/toy_2x2.yaml`` for RDED's 2x2 layout.
     """
     out_dir, data_dir, prior_dir = Path(out), Path(data), Path(packaged_path(prior))
@@ -255,7 +255,7 @@ def demo(
             "--synthesis.selector", s, "--synthesis.rded.checkpoint", str(teacher_checkpoint),
             "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]), logs / f"distill-{selector}.log",
                ledger)
-    if generators:
+    if set(generators) - {"d4m"}:
         _stage("DiT prior", (dit_dir / "transformer").is_dir(), lambda: run_trainer_command(
             ["fit", "-c", dit_prior_config, "--data.root", str(data_dir), "--model.export_dir", str(dit_dir),
              "--trainer.default_root_dir", str(out_dir / "dit_prior_logs"), "--trainer.enable_progress_bar",
@@ -268,9 +268,11 @@ def demo(
     data_classes = ",".join(list_class_folders(data_dir / "train"))  # the prior may know more classes
     for method, config in generators.items():
         done = all((syn_root / method / f"ipc{i}" / INFO_FILE).is_file() for i in ipcs)
-        _stage(f"generate ({method})", done, lambda m=method, c=config: run_function("generate", generate, [
-            "-c", c, "--prior", str(dit_dir), "--out", str(syn_root / m), "--stats", str(out_dir / "d3hr_stats"),
-            "--classes", data_classes, "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]),
+        method_prior = prior_dir if method == "d4m" else dit_dir  # D4M works with the SD-layout prior
+        _stage(f"generate ({method})", done, lambda m=method, c=config, p=method_prior: run_function(
+            "generate", generate, ["-c", c, "--prior", str(p), "--out", str(syn_root / m), "--data", str(data_dir),
+                                   "--stats", str(out_dir / "d3hr_stats"), "--classes", data_classes,
+                                   "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]),
                logs / f"generate-{method}.log", ledger)
     methods = [*selectors, *generators]
     _stage("students", False, lambda: matrix(

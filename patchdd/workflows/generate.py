@@ -1,8 +1,10 @@
-"""``patchdd generate``: a class-conditional DiT prior -> generated synthetic sets (PNG ImageFolders), one per IPC.
+"""``patchdd generate``: a diffusion prior -> generated synthetic sets (PNG ImageFolders), one per IPC.
 
-Methods (:data:`GENERATIVE_METHODS`): ``dit`` samples every image from Gaussian noise; ``d3hr`` restarts from the
-latents of the group that D3HR's group sampling chooses from each class's inverted-latent Gaussian (the
-statistics store written by ``patchdd predict -c configs/invert/...``). Work is planned on the CPU
+Methods (:data:`GENERATIVE_METHODS`): ``dit`` samples every image from Gaussian noise with a class-conditional DiT
+(the plain baseline, or a Minimax / seed-001 fine-tune); ``d3hr`` restarts from the latents of the group that
+D3HR's group sampling chooses from each class's inverted-latent Gaussian (the statistics store written by
+``patchdd predict -c configs/invert/...``); ``d4m`` runs img2img with an SD-layout prior from each class's k-means
+prototypes of its training latents. Work is planned on the CPU
 (:mod:`patchdd.generation.plan`), then run by ``Trainer.predict`` (bf16 on a GPU, DDP over canonical batches);
 the sets are written in the same folder format as ``distill``'s, with ``provenance.parquet``.
 """
@@ -26,14 +28,16 @@ from patchdd.errors import StoreMismatchError
 from patchdd.formats.latent_stats import LatentStatsStore
 from patchdd.formats.outputs import atomic_directory, exclusive_output, replace_directory
 from patchdd.formats.synthetic_folder import finish_generated_set
-from patchdd.generation.plan import (D3HROptions, SamplingOptions, WorkItem, canonical_batches, group_items,
-                                     noise_items, provenance_columns)
+from patchdd.generation.plan import (D3HROptions, D4MOptions, SamplingOptions, WorkItem, canonical_batches,
+                                     group_items, noise_items, prototype_items, provenance_columns)
+from patchdd.generation.prototypes import class_latents, kmeans_prototypes
 from patchdd.methods.synthesis import subset_mapping
 from patchdd.priors.dit import DEFAULT_DIT, weights_hash
 
 GENERATIVE_METHODS = {
-    "dit": "class-conditional DiT sampling from Gaussian noise (the plain-DiT baseline)",
+    "dit": "class-conditional DiT sampling from Gaussian noise (the plain-DiT baseline; Minimax / seed-001 priors)",
     "d3hr": "D3HR: DDIM inversion statistics, group sampling, generation from the chosen latents (seed 002)",
+    "d4m": "D4M: per-class k-means prototypes of the VAE latents, text-conditioned img2img from them",
 }
 SETTINGS_FILE = ".generate.json"
 
@@ -64,6 +68,20 @@ def open_statistics(stats: str | None, d3hr: D3HROptions, prior_hash: str) -> La
         raise StoreMismatchError(f"{stats} holds latents at t = {settings.get('timestep')}, --d3hr.timestep is "
                                  f"{d3hr.timestep}")
     return store
+
+
+def d4m_prototypes(source, mapping: ClassMapping, ipcs: list[int], vae, options: D4MOptions, seed: int,
+                   device: torch.device) -> dict[int, dict[str, torch.Tensor]]:
+    """Per IPC and class, ``ipc`` prototypes (ipc, C, h, w): each class's latents are encoded once and clustered
+    for every IPC (k = IPC), then dropped (a class's latents at 512 px are 85 MB for ImageNet's 1,300 images)."""
+    by_class = {}
+    for label, folder in enumerate(mapping.folders):
+        positions = [i for i, lab in enumerate(source.labels) if lab == label]
+        latents = class_latents(source, positions, vae, options, seed, device)
+        flat = latents.reshape(len(latents), -1)
+        by_class[folder] = {n: torch.from_numpy(kmeans_prototypes(flat, n, options.kmeans, options.km_expand, seed))
+                            .float().view(n, *latents.shape[1:]) for n in ipcs}
+    return {n: {folder: protos[n] for folder, protos in by_class.items()} for n in ipcs}
 
 
 def pending_batches(items: Sequence[WorkItem], batches: list[list[int]], directory: Path) -> list[list[int]]:
@@ -108,6 +126,8 @@ def generate(
     seed: int = 0,
     sampling: SamplingOptions = SamplingOptions(),
     d3hr: D3HROptions = D3HROptions(),
+    data: str | None = None,
+    d4m: D4MOptions = D4MOptions(),
     output_size: int | None = None,
     resize_filter: str = "lanczos",
     batch_size: int = 32,
@@ -125,9 +145,11 @@ def generate(
     depends on its own seed and canonical batch only, whatever the world size). ``out`` is locked while written.
 
     Args:
-        method: ``dit`` (from noise) or ``d3hr`` (from group-sampled inverted latents).
+        method: ``dit`` (from noise), ``d3hr`` (from group-sampled inverted latents) or ``d4m`` (img2img from
+            k-means prototypes, with an SD-layout prior).
         out: output directory; gets ``ipc{N}/`` per IPC and ``contact_sheets/ipc{N}/``.
-        prior: DiT prior folder (``DiTPipeline`` layout) or hub id (``facebook/DiT-XL-2-256``).
+        prior: DiT prior folder (``DiTPipeline`` layout) or hub id (``facebook/DiT-XL-2-256``); for d4m an
+            SD-layout folder or hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``).
         ipc: images per class, one or several (``--ipc 1 10 50``).
         classes: ``all``, a preset (imagenette, imagewoof, imagenet100) or comma-separated wnids / names, among the
             prior's classes (dit) or the statistics store's (d3hr).
@@ -135,6 +157,8 @@ def generate(
         seed: seed of every image's noise and of the group sampling.
         sampling: sampler, steps, guidance (``SamplingOptions``).
         d3hr: restart timestep and offset, candidate groups, score (``D3HROptions``).
+        data: the ImageFolder root whose training images give D4M's prototypes (d4m).
+        d4m: image size, k-means, img2img strength, guidance, prompts (``D4MOptions``).
         output_size: side of the saved images (``None``: as decoded; D3HR saves 224 from 256).
         resize_filter: ``lanczos`` (D3HR), ``bicubic`` or ``bilinear``.
         batch_size: images per canonical batch (part of the plan: changing it restarts a building set).
@@ -148,23 +172,39 @@ def generate(
     import lightning as L
 
     from patchdd.datamodules.generation_data import SyntheticImageWriter, WorkItemDataModule
-    from patchdd.lightning_modules.generation import LatentGenerator
+    from patchdd.datamodules.real import ImageFolderDataModule
+    from patchdd.lightning_modules.generation import LatentGenerator, PromptedImg2Img
 
     if method not in GENERATIVE_METHODS:
         raise ValueError(f"unknown generative method {method!r}; choose from {sorted(GENERATIVE_METHODS)}")
-    restart = d3hr.timestep if method == "d3hr" else None
-    module = LatentGenerator(prior, sampling, start_timestep=restart, restart_offset=d3hr.restart_offset)
-    prior_hash = weights_hash(module.dit.transformer)
-    store = open_statistics(stats, d3hr, prior_hash) if method == "d3hr" else None
-    available = available_classes(method, module.dit, store)
-    mapping = subset_mapping(available, classes)
-    model_labels = module.dit.label_ids(mapping.folders)
+    store, source = None, None
+    if method == "d4m":
+        if data is None:
+            raise ValueError("generate --method d4m needs --data ROOT: the training images its prototypes come from")
+        module = PromptedImg2Img(prior, d4m)
+        prior_hash = weights_hash(module.prior.unet)
+        data_module = ImageFolderDataModule(data, classes=classes)
+        mapping, source = data_module.class_mapping, data_module.source("train")
+        module.use_classes(mapping)
+        model_labels = [0] * len(mapping)
+    else:
+        restart = d3hr.timestep if method == "d3hr" else None
+        module = LatentGenerator(prior, sampling, start_timestep=restart, restart_offset=d3hr.restart_offset)
+        prior_hash = weights_hash(module.dit.transformer)
+        store = open_statistics(stats, d3hr, prior_hash) if method == "d3hr" else None
+        available = available_classes(method, module.dit, store)
+        mapping = subset_mapping(available, classes)
+        model_labels = module.dit.label_ids(mapping.folders)
     device = device_of(accelerator)
     if precision is None:
         precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     group_device = device if d3hr.device == "auto" else torch.device(d3hr.device)
-    options = {"sampling": asdict(sampling), "seed": seed, "batch_size": batch_size, "output_size": output_size,
-               "resize_filter": resize_filter, "start_timestep": module.start_timestep_used}
+    options = {"seed": seed, "batch_size": batch_size, "output_size": output_size, "resize_filter": resize_filter,
+               "start_timestep": module.start_timestep_used}
+    if method == "d4m":
+        options |= {"d4m": asdict(d4m), "data": str(Path(data).resolve())}
+    else:
+        options |= {"sampling": asdict(sampling)}
     if method == "d3hr":
         options |= {"d3hr": asdict(d3hr), "stats": str(Path(stats).resolve())}
     targets = {n: Path(out) / f"ipc{n}" for n in ipc}
@@ -177,6 +217,8 @@ def generate(
         if existing and not overwrite:
             raise FileExistsError(f"output folders exist: {existing} (pass --overwrite true to replace them)")
         sums = store.sums() if store is not None else None
+        prototypes = d4m_prototypes(source, mapping, list(ipc), module.prior.vae.to(device), d4m, seed, device) \
+            if method == "d4m" else {}
         items: list[WorkItem] = []
         batches: list[list[int]] = []
         buildings = {n: Path(d) for n, d in writer.directories.items()}
@@ -186,6 +228,8 @@ def generate(
             if method == "d3hr":
                 planned = group_items(mapping, model_labels, n, seed, sums, available.folders,
                                       module.dit.latent_shape, d3hr, group_device)
+            elif method == "d4m":
+                planned = prototype_items(mapping, n, seed, prototypes[n])
             else:
                 planned = noise_items(mapping, model_labels, n, seed)
             pending = pending_batches(planned, canonical_batches(planned, batch_size), buildings[n])
@@ -199,7 +243,9 @@ def generate(
         if not trainer.is_global_zero:
             return list(targets.values())
         common = {"method": method, "start_timestep": module.start_timestep_used,
-                  "cfg_scale": sampling.cfg_scale, "steps": sampling.steps, "scheduler": sampling.sampler}
+                  "cfg_scale": d4m.cfg_scale if method == "d4m" else sampling.cfg_scale,
+                  "steps": d4m.steps if method == "d4m" else sampling.steps,
+                  "scheduler": "pndm" if method == "d4m" else sampling.sampler}
         info = {"method": method, "prior": prior, "prior_hash": prior_hash, "options": options}
         for n, target in targets.items():
             own = [item for item in items if item.ipc == n]
