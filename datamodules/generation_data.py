@@ -85,7 +85,6 @@ class SyntheticImageWriter(BasePredictionWriter):
             raise ValueError(f"resize_filter must be one of {sorted(RESIZE_FILTERS)}, got {resize_filter!r}")
         self.directories = {ipc: Path(d) for ipc, d in directories.items()}
         self.output_size, self.resize_filter = output_size, resize_filter
-        self.written = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction: tuple[torch.Tensor, list[WorkItem]], batch_indices,
                            batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -95,4 +94,3 @@ class SyntheticImageWriter(BasePredictionWriter):
             if self.output_size is not None and picture.size != (self.output_size, self.output_size):
                 picture = picture.resize((self.output_size, self.output_size), RESIZE_FILTERS[self.resize_filter])
             save_png_atomically(picture, self.directories[item.ipc] / item.file)
-        self.written += len(items)

@@ -175,16 +175,17 @@ class ScoreStore(ManifestStore):
         table = unique_sorted_rows(read_shards(paths, needed))
         return table.drop_columns(["shard", "shard_row"]).select(columns or SCHEMA.names)
 
-    def row_index(self) -> pa.Table:
+    def row_index(self, content_hash: str | None = None) -> pa.Table:
         """The metadata of every row (``INDEX_COLUMNS``) with the shard and the row in it that holds the rest,
         sorted like :meth:`read_arrow`. Built once per store content and cached in ``index/`` (Stage II reads the
-        store's 20,000 shards once, not on every distillation)."""
+        store's 20,000 shards once, not on every distillation); ``content_hash``: the store's, when the caller has
+        it already (it takes a stat of every shard)."""
         paths = self.shard_paths()
-        cached = self.directory / INDEX_DIR / f"rows-{self.content_hash()}.parquet"
+        cached = self.directory / INDEX_DIR / f"rows-{content_hash or self.content_hash()}.parquet"
         if cached.is_file():
             return pq.read_table(cached)
         if not paths:
-            return unique_sorted_rows([SCHEMA.empty_table().select(INDEX_COLUMNS)])
+            return with_position(SCHEMA.empty_table().select(INDEX_COLUMNS), 0)
         table = unique_sorted_rows(read_shards(paths, INDEX_COLUMNS))
         cached.parent.mkdir(exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -198,15 +199,14 @@ class ScoreStore(ManifestStore):
     def read_rows(self, shards: np.ndarray, shard_rows: np.ndarray, column: str) -> pa.Array:
         """``column`` of the rows at (``shards[i]``, ``shard_rows[i]``), in that order; only those shards are read."""
         paths = self.shard_paths()
-        wanted = np.unique(shards)
-        parts = dict(zip(wanted.tolist(), read_shards([paths[i] for i in wanted], [column], add_position=False)))
-        pieces = [parts[int(shard)].column(column).take(pa.array(shard_rows[shards == shard]))
-                  for shard in wanted]
-        values = pa.concat_arrays([p.combine_chunks() for p in pieces]) if pieces else pa.array([], SCHEMA.field(
-            column).type)
-        order = np.concatenate([np.flatnonzero(shards == shard) for shard in wanted]) if len(wanted) else np.zeros(
-            0, np.int64)
-        return values.take(pa.array(np.argsort(order)))
+        order = np.argsort(shards, kind="stable")  # the rows grouped by shard
+        wanted, starts = np.unique(shards[order], return_index=True)
+        tables = read_shards([paths[i] for i in wanted], [column], add_position=False)
+        ends = [*starts[1:], len(order)]
+        pieces = [table.column(column).take(pa.array(shard_rows[order[start:end]])).combine_chunks()
+                  for table, start, end in zip(tables, starts, ends)]
+        values = pa.concat_arrays(pieces) if pieces else pa.array([], SCHEMA.field(column).type)
+        return values.take(pa.array(np.argsort(order)))  # back to the order asked
 
     def read(self, with_maps: bool = False) -> PatchTable:
         """All rows as arrays; the score maps (the bulk of a store) only when asked for."""
@@ -239,22 +239,22 @@ def read_shards(paths: list[Path], columns: list[str] | None, add_position: bool
 
     def read(position: int) -> pa.Table:
         table = pq.read_table(paths[position], columns=columns)
-        if not add_position:
-            return table
-        return table.append_column("shard", pa.array(np.full(table.num_rows, position, np.int32))).append_column(
-            "shard_row", pa.array(np.arange(table.num_rows, dtype=np.int32)))
+        return with_position(table, position) if add_position else table
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
         return list(pool.map(read, range(len(paths))))
 
 
+def with_position(table: pa.Table, shard: int) -> pa.Table:
+    """``table`` (the rows of shard number ``shard``) with its ``shard`` and ``shard_row`` columns."""
+    return table.append_column("shard", pa.array(np.full(table.num_rows, shard, np.int32))).append_column(
+        "shard_row", pa.array(np.arange(table.num_rows, dtype=np.int32)))
+
+
 def unique_sorted_rows(tables: list[pa.Table]) -> pa.Table:
-    """The rows sorted by label, image, patch, one per (image, patch): a row written twice (a shard rewritten
-    after a crash) is kept from its first shard."""
+    """The rows (with their shard positions) sorted by label, image, patch, one per (image, patch): a row written
+    twice (a shard rewritten after a crash) is kept from its first shard."""
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    if "shard" not in table.column_names:
-        table = table.append_column("shard", pa.array(np.zeros(table.num_rows, np.int32))).append_column(
-            "shard_row", pa.array(np.arange(table.num_rows, dtype=np.int32)))
     table = table.sort_by([("label", "ascending"), ("image_id", "ascending"), ("patch", "ascending"),
                            ("shard", "ascending"), ("shard_row", "ascending")])
     if table.num_rows < 2:

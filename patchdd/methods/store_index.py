@@ -1,4 +1,4 @@
-"""A score store's rows as arrays, for Stage II: metadata in memory, DIFT vectors read on first use."""
+"""A score store's rows as arrays, for Stage II: metadata in memory, DIFT vectors read per class when needed."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from patchdd.errors import StoreError, StoreMismatchError
 from patchdd.formats.score_store import ScoreStore
 from patchdd.formats.stores import settings_difference
 
+
 class StoreIndex:
     """A store's rows without score maps: metadata as arrays (from the store's cached row index), DIFT vectors read
     per class from the shards that hold them."""
@@ -16,19 +17,16 @@ class StoreIndex:
     def __init__(self, store: ScoreStore) -> None:
         self.store = store
         self.classes = ClassMapping.from_json(store.manifest.classes)
-        table = store.row_index()
+        self.content_hash = store.content_hash()
+        table = store.row_index(self.content_hash)
         self.image_ids = table.column("image_id").to_numpy(zero_copy_only=False).astype(object)
         self.labels = table.column("label").to_numpy().astype(np.int64)
         self.sizes = np.stack([table.column("width").to_numpy(), table.column("height").to_numpy()], 1).astype(np.int64)
         self.patch_index = table.column("patch").to_numpy().astype(np.int64)
-        boxes = table.column("box").combine_chunks() if table.num_rows else None
-        self.boxes = (boxes.flatten().to_numpy().astype(np.int64).reshape(-1, 4) if boxes is not None
-                      else np.zeros((0, 4), np.int64))
+        self.boxes = table.column("box").combine_chunks().flatten().to_numpy().astype(np.int64).reshape(-1, 4)
         self.scores = table.column("score").to_numpy().astype(np.float32)
         self.shards = table.column("shard").to_numpy()
         self.shard_rows = table.column("shard_row").to_numpy()
-        self.content_hash = store.content_hash()
-
 
     def setting(self, name: str):
         if name not in self.store.manifest.settings:

@@ -52,17 +52,15 @@ def draw_image_noise(image_ids: Sequence[str], seed: int, num_draws: int, latent
     same per-image seed: no host-side drawing, no copy (the numbers differ from the CPU's, as any GPU result does).
     """
     device = torch.device(device)
-    timesteps, noise = [], []
+    seeds, timesteps, noise = [], [], []
     for image_id in image_ids:
-        image_seed = stable_seed(seed, "score", image_id)
-        generator = torch.Generator().manual_seed(image_seed)
+        seeds.append(stable_seed(seed, "score", image_id))
+        generator = torch.Generator().manual_seed(seeds[-1])
         timesteps.append(draw_timesteps(generator, num_draws, t_range, num_train_timesteps, stratified))
         if device.type == "cpu":  # the same generator goes on: the format of every CPU-scored store
             noise.append(torch.randn(num_draws, *latent_shape, generator=generator))
-    if device.type != "cpu":
-        noise = list(seeded_normal([stable_seed(seed, "score", i) for i in image_ids], (num_draws, *latent_shape),
-                                   device))
-    return torch.stack(timesteps).to(device), torch.stack(noise)
+    noise = torch.stack(noise) if device.type == "cpu" else seeded_normal(seeds, (num_draws, *latent_shape), device)
+    return torch.stack(timesteps).to(device), noise
 
 
 def predict_noise(unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,

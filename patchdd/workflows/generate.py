@@ -47,7 +47,7 @@ def device_of(accelerator: str) -> torch.device:
     return torch.device("cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
 
 
-def available_classes(method: str, dit, store: LatentStatsStore | None) -> ClassMapping:
+def available_classes(dit, store: LatentStatsStore | None) -> ClassMapping:
     """The classes a method can make: the statistics store's (d3hr), else the prior's label table."""
     if store is not None:
         return ClassMapping.from_json(store.manifest.classes)
@@ -74,10 +74,12 @@ def d4m_prototypes(source, mapping: ClassMapping, ipcs: list[int], vae, options:
                    device: torch.device) -> dict[int, dict[str, torch.Tensor]]:
     """Per IPC and class, ``ipc`` prototypes (ipc, C, h, w): each class's latents are encoded once and clustered
     for every IPC (k = IPC), then dropped (a class's latents at 512 px are 85 MB for ImageNet's 1,300 images)."""
+    positions: dict[int, list[int]] = {}
+    for position, label in enumerate(source.labels):  # one pass over the source, not one per class
+        positions.setdefault(label, []).append(position)
     by_class = {}
     for label, folder in enumerate(mapping.folders):
-        positions = [i for i, lab in enumerate(source.labels) if lab == label]
-        latents = class_latents(source, positions, vae, options, seed, device)
+        latents = class_latents(source, positions.get(label, []), vae, options, seed, device)
         flat = latents.reshape(len(latents), -1)
         by_class[folder] = {n: torch.from_numpy(kmeans_prototypes(flat, n, options.kmeans, options.km_expand, seed))
                             .float().view(n, *latents.shape[1:]) for n in ipcs}
@@ -138,7 +140,7 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[Path]:
-    """Generate synthetic sets with a class-conditional DiT prior (dit, d3hr), one per IPC.
+    """Generate synthetic sets with a diffusion prior (dit, d3hr: a class-conditional DiT; d4m: SD), one per IPC.
 
     Each ``ipc{N}`` folder is built in ``.ipc{N}.building`` beside its target and renamed into place when complete;
     a cut run resumes there with the images it has not written yet, byte-identical to an uncut run (every image
@@ -192,7 +194,7 @@ def generate(
         module = LatentGenerator(prior, sampling, start_timestep=restart, restart_offset=d3hr.restart_offset)
         prior_hash = weights_hash(module.dit.transformer)
         store = open_statistics(stats, d3hr, prior_hash) if method == "d3hr" else None
-        available = available_classes(method, module.dit, store)
+        available = available_classes(module.dit, store)
         mapping = subset_mapping(available, classes)
         model_labels = module.dit.label_ids(mapping.folders)
     device = device_of(accelerator)
