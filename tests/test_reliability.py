@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import shutil
 import signal
 import struct
@@ -172,7 +173,8 @@ def distill_small(store: Path, out: Path, **kwargs) -> None:
 
 
 def test_a_failing_distill_keeps_the_old_output_whole(small_store, tmp_path, monkeypatch) -> None:
-    from patchdd.formats.synthetic_folder import SyntheticFolderWriter
+    from patchdd.formats import synthetic_folder
+    from patchdd.formats.synthetic_folder import SyntheticFolderWriter, save_png
 
     _, store = small_store
     out = tmp_path / "out"
@@ -182,9 +184,20 @@ def test_a_failing_distill_keeps_the_old_output_whole(small_store, tmp_path, mon
     def fail(self, info):
         raise RuntimeError("disk full")
 
+    writes = {"started": 0, "finished": 0}
+
+    def slow_png(image, path):  # PNGs still being encoded on their threads when the run fails
+        writes["started"] += 1
+        time.sleep(0.05)
+        save_png(image, path)
+        writes["finished"] += 1
+
     monkeypatch.setattr(SyntheticFolderWriter, "close", fail)
+    monkeypatch.setattr(synthetic_folder, "save_png", slow_png)
     with pytest.raises(RuntimeError, match="disk full"):
         distill_small(store, out, seed=1)
+    assert writes["started"] == writes["finished"] > 0  # no write still running into the removed building folder
+    time.sleep(0.2)
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == before  # nothing lost or mixed
     assert not [p for p in out.iterdir() if ".building-" in p.name]
 

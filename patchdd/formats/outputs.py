@@ -94,3 +94,13 @@ class BackgroundWrites:
         """Wait for every submitted write; raise the first error."""
         while self.pending:
             self.pending.popleft().result()
+
+    def abort(self) -> None:
+        """Drop the writes not started yet and wait for the running ones, raising nothing (the caller is failing
+        already): afterwards no thread writes into a folder the caller is about to remove."""
+        for future in self.pending:
+            future.cancel()
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None

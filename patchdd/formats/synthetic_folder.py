@@ -73,7 +73,10 @@ def tile_columns(folder: str, images_in_class: int, grid: int, picks: Picks) -> 
 
 
 class SyntheticFolderWriter:
-    """Write an exported set class by class (memory bounded by one class), then its two description files."""
+    """Write an exported set class by class (memory bounded by one class), then its two description files.
+
+    As a context manager, a failure inside stops its background writes (the queued ones dropped, the running ones
+    waited for) before the error leaves, so that nothing is written into a building folder being removed."""
 
     def __init__(self, directory: str | Path, classes: ClassMapping, grid: int,
                  contact_sheet_dir: str | Path | None = None, title: str = "") -> None:
@@ -99,6 +102,13 @@ class SyntheticFolderWriter:
             Path(self.contact_sheet_dir).mkdir(parents=True, exist_ok=True)
             self.writes.submit(save_contact_sheet, images, f"{self.classes.names[label]} ({folder}) - {self.title}",
                                Path(self.contact_sheet_dir) / f"{folder}.png")
+
+    def __enter__(self) -> "SyntheticFolderWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.writes.abort()
 
     def close(self, info: dict) -> Path:
         """Wait for the images, then write ``tiles.parquet`` and ``synthetic.json`` (``info`` + format, classes,

@@ -48,9 +48,9 @@ def distill(
         for n, target in targets.items():
             grid = layout_for(n, layout).grid
             sheets = Path(out) / "contact_sheets" / f"ipc{n}"
-            with atomic_directory(target) as building, atomic_directory(sheets) as building_sheets:
-                writer = SyntheticFolderWriter(building, mapping, grid, building_sheets,
-                                               title=f"IPC {n}, {selector.name}")
+            with atomic_directory(target) as building, atomic_directory(sheets) as building_sheets, \
+                    SyntheticFolderWriter(building, mapping, grid, building_sheets,
+                                          title=f"IPC {n}, {selector.name}") as writer:
                 for label, class_images, picks in synthesize_classes(index, images, mapping, n, selector, layout,
                                                                      progress):
                     writer.add(label, class_images, picks)
