@@ -30,13 +30,13 @@ from torch import nn
 from patchdd.data.sources import CLASS_MAPPING_FILE, ClassMapping
 from patchdd.data.subsets import imagenet_wnids
 from patchdd.errors import CheckpointMismatchError
-from patchdd.priors.sd import check_prior_folder, load_component, vae_downsample_factor
+from patchdd.priors.sd import FreezablePrior, check_prior_folder, load_component, vae_downsample_factor
 
 DEFAULT_DIT = "facebook/DiT-XL-2-256"
 DIT_COMPONENTS = ("transformer", "vae", "scheduler")
 
 
-class DiTPrior(nn.Module):
+class DiTPrior(FreezablePrior):
     """Transformer, VAE and noise-schedule config of one class-conditional latent DiT.
 
     ``class_mapping`` names the classes of the label table (row ``i`` = class ``i``); ``None`` means the
@@ -48,14 +48,9 @@ class DiTPrior(nn.Module):
                  name: str = "", frozen: bool = True) -> None:
         super().__init__()
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
-        self.class_mapping, self.name, self.frozen = class_mapping, name, frozen
+        self.class_mapping, self.name = class_mapping, name
         disable_block_label_dropout(transformer)
-        if frozen:
-            self.requires_grad_(False)
-            self.eval()
-
-    def train(self, mode: bool = True) -> "DiTPrior":
-        return super().train(mode and not self.frozen)
+        self.set_frozen(frozen)
 
     @property
     def null_id(self) -> int:

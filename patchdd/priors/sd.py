@@ -26,7 +26,24 @@ DEFAULT_PRIOR = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class StableDiffusionPrior(nn.Module):
+class FreezablePrior(nn.Module):
+    """A prior that, once :meth:`set_frozen` froze it, has no trainable parameter and stays in eval mode whatever
+    a trainer asks."""
+
+    frozen = False
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Freeze (or not) the prior; called once its components are set."""
+        self.frozen = frozen
+        if frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True) -> "FreezablePrior":
+        return super().train(mode and not self.frozen)
+
+
+class StableDiffusionPrior(FreezablePrior):
     """UNet, VAE, text encoder, tokenizer and DDPM noise scheduler of one SD-v1-format model.
 
     A ``frozen`` prior (the default: the scoring pass) has no trainable parameter and stays in eval mode whatever
@@ -38,13 +55,7 @@ class StableDiffusionPrior(nn.Module):
         super().__init__()
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler, self.name = tokenizer, scheduler, name
-        self.frozen = frozen
-        if frozen:
-            self.requires_grad_(False)
-            self.eval()
-
-    def train(self, mode: bool = True) -> "StableDiffusionPrior":
-        return super().train(mode and not self.frozen)
+        self.set_frozen(frozen)
 
     @property
     def downsample_factor(self) -> int:
