@@ -6,7 +6,10 @@ Two tables:
   encode and decode, and per image: plain DiT generation (50 DDIM steps with CFG + decode), D3HR's inversion
   (encode + 31 CFG steps to t = 600) and D3HR's generation (31 CFG steps from t = 600 + decode);
 * images/s of the same passes run through the suite's modules (``LatentGenerator.predict_step`` and
-  ``LatentInverter.predict_step``), batched, bf16 autocast on a GPU, with peak GPU memory.
+  ``LatentInverter.predict_step``), batched, bf16 autocast on a GPU, with peak GPU memory; then the Minimax /
+  seed-001 fine-tune step (``DiTDiffusionPrior.training_step``: DiffFit on the first half of the blocks, the
+  learned-variance hybrid loss, memory banks of 64, AdamW and the EMA, at Minimax's batch 8 and at 32) and D4M's
+  img2img (``PromptedImg2Img.predict_step``: SD v1.5's architecture at 512 px, PNDM 50 steps at strength 0.7, CFG 8).
 
     python bench/generate_throughput.py                 # GPU: DiT-XL/2 at 256 px + SD's VAE, batch 32, bf16
     python bench/generate_throughput.py --tiny          # CPU check with the tests' tiny DiT (32 px)
@@ -23,15 +26,17 @@ from pathlib import Path
 
 import torch
 import yaml
-from patchdd.lightning_modules.generation import LatentGenerator
+from patchdd.lightning_modules.dit_prior import DiTDiffusionPrior, MemoryOptions
+from patchdd.lightning_modules.generation import LatentGenerator, PromptedImg2Img
 from patchdd.lightning_modules.inversion import LatentInverter
 from torch.utils.flop_counter import FlopCounterMode
 
 from patchdd.data.scoring_images import ScoringBatch
-from patchdd.data.sources import ClassMapping
-from patchdd.generation.plan import SamplingOptions, collate_items, noise_items
+from patchdd.data.sources import IMAGENET_MEAN, IMAGENET_STD, ClassMapping, ImageBatch
+from patchdd.generation.plan import D4MOptions, SamplingOptions, collate_items, noise_items, prototype_items
 from patchdd.generation.sampling import ddim_schedulers
 from patchdd.priors.dit import build_dit_prior, save_dit_prior
+from patchdd.priors.sd import random_prior, save_prior
 
 ARCHITECTURES = Path(__file__).resolve().parents[1] / "configs" / "bench" / "sd15_random.yaml"
 DIT_XL_2 = {"num_attention_heads": 16, "attention_head_dim": 72, "num_layers": 28, "sample_size": 32,
@@ -145,6 +150,89 @@ def main() -> None:
             rate = timed(run, args.batches, args.batch, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         print(f"| {label} | {rate:,.1f} | {peak:.1f} |", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del generator, d3hr, inverter
+    finetune_table(prior, transformer, args, device, dtype)
+    img2img_table(args, device, dtype)
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def finetune_table(prior, transformer: dict, args: argparse.Namespace, device: torch.device,
+                   dtype: torch.dtype) -> None:
+    """Images/s and ms per step of the Minimax / seed-001 fine-tune (DiffFit, hybrid loss, both memory-bank
+    kinds, AdamW, EMA) at Minimax's batch 8 and at 4x that."""
+    print("\n| fine-tune step (DiffFit, memory banks 64) | batch | ms per step | images/s | peak GPU memory (GiB) |"
+          "\n|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        save_dit_prior(folder, prior)
+        for eviction in ("fifo", "max_similarity"):
+            module = DiTDiffusionPrior(pretrained=folder, finetune="difffit",
+                                       gamma_blocks=transformer["num_layers"] // 2,
+                                       memory=MemoryOptions(eviction=eviction), ema_decay=0.9999).to(device)
+            module.label_rows = torch.arange(10, device=device)
+            module.normalisation = (IMAGENET_MEAN, IMAGENET_STD)
+            optimizer = torch.optim.AdamW(list(module.trained_parameters().values()), lr=1e-3, weight_decay=0.0)
+            for batch in (8,) if args.tiny else (8, 32):
+                images = torch.randn(batch, 3, prior.image_size, prior.image_size, device=device)
+                labels = torch.arange(batch, device=device) % 10
+
+                def step() -> None:
+                    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                        loss = module.training_step(ImageBatch(images, labels, 0), 0)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    module.on_train_batch_end(None, None, 0)
+
+                reset_peak(device)
+                for _ in range(8):  # fill the banks past their capacity: every step evicts from then on
+                    step()
+                rate = timed(step, args.batches * 2, batch, device)
+                print(f"| Minimax-style, {eviction} eviction | {batch} | {1000 * batch / rate:,.0f} | {rate:,.1f} | "
+                      f"{peak_gib(device):.1f} |", flush=True)
+            del module, optimizer
+
+
+def img2img_table(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """Images/s of D4M's img2img from prototypes with SD v1.5's architecture (random weights) at its resolution."""
+    configs = yaml.safe_load(ARCHITECTURES.read_text())["tiny" if args.tiny else "sd15"]
+    sd = random_prior(configs["unet"], configs["vae"], configs["text_encoder"])
+    folders = [f"c{i:04d}" for i in range(10)]
+    classes = ClassMapping.for_folders(folders)
+    options = D4MOptions(image_size=sd.unet.config.sample_size * sd.downsample_factor, steps=args.steps)
+    batch = min(args.batch, 8)
+    with tempfile.TemporaryDirectory() as folder:
+        save_prior(folder, sd)
+        module = PromptedImg2Img(folder, options).to(device).eval()
+    module.use_classes(classes)
+    del sd
+    channels, side = module.prior.unet.config.in_channels, module.prior.unet.config.sample_size
+    prototypes = {f: torch.randn(batch, channels, side, side) for f in folders}
+    items = collate_items(prototype_items(classes, batch, 0, prototypes)[:batch])
+    if device.type == "cuda":
+        module.prior.unet.to(dtype)
+        module.prior.vae.to(dtype)
+        module.prior.text_encoder.to(dtype)
+        items = replace(items, inits=items.inits.to(dtype))
+    reset_peak(device)
+    rate = timed(lambda: module.predict_step(items), args.batches, batch, device)
+    print(f"\n| d4m img2img ({sd_label(args.tiny)}, {options.image_size} px, PNDM {options.steps} steps, strength "
+          f"{options.strength}, CFG {options.cfg_scale:g}) | batch | images/s | peak GPU memory (GiB) |"
+          f"\n|---|---|---|---|\n| | {batch} | {rate:,.2f} | {peak_gib(device):.1f} |", flush=True)
+
+
+def sd_label(tiny: bool) -> str:
+    return "tiny SD" if tiny else "SD v1.5 architecture"
 
 
 if __name__ == "__main__":

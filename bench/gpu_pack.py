@@ -10,7 +10,8 @@ Runs, each in its own process (a failure or an out-of-memory in one leaves the o
 * the FKD student step (``bench/student_throughput.py``): ResNet-18 teacher -> ResNet-18 / ResNet-50 / MobileNet-V2 /
   EfficientNet-B0 / Swin-T / ViT-B students, fed from the on-device set with on-device augmentation and from
   pre-made tensors (the ceiling);
-* DiT-XL/2 generation and inversion (``bench/generate_throughput.py``): FLOPs per image and images/s.
+* the generative methods (``bench/generate_throughput.py``): FLOPs per image and images/s of DiT-XL/2 generation and
+  inversion, the Minimax / seed-001 fine-tune step, D4M's img2img with SD v1.5's architecture.
 
 The tables replace the pack's section of BENCHMARKS.md (between its two markers), headed by the device and the date,
 and are printed.
@@ -33,8 +34,9 @@ PARTS = [
      300),
     ("FKD student step, teacher ResNet-18, batch 256, 224 px, bf16", "student_throughput.py", [],
      ["--tiny"], 150),
-    ("DiT-XL/2 generation and inversion (random weights), 256 px, batch 32, bf16", "generate_throughput.py", [],
-     ["--tiny"], 90),
+    ("Generative methods (random weights), bf16: DiT-XL/2 generation and inversion at 256 px, batch 32; the "
+     "Minimax / seed-001 fine-tune step; D4M's img2img with SD v1.5's architecture at 512 px",
+     "generate_throughput.py", [], ["--tiny"], 150),
 ]
 
 
@@ -70,9 +72,16 @@ def run_part(script: str, arguments: list[str], limit: float) -> tuple[str, floa
 
 
 def table_lines(output: str) -> str:
-    """The lines of a bench's output worth keeping: tables and the lines that say what was measured."""
-    kept = [line for line in output.splitlines() if line.startswith(("|", "device:", "Stage I", "DIFT"))]
-    return "\n".join(kept) + "\n"
+    """The lines of a bench's output worth keeping: tables and the lines that say what was measured; runs of kept
+    lines that other lines separated stay apart (a blank line between them), so two tables never merge."""
+    blocks, block = [], []
+    for line in output.splitlines() + [""]:
+        if line.startswith(("|", "device:", "Stage I", "DIFT")):
+            block.append(line)
+        elif block:
+            blocks.append("\n".join(block))
+            block = []
+    return "\n\n".join(blocks) + "\n"
 
 
 def replace_section(path: Path, section: str) -> None:

@@ -23,3 +23,5 @@ def test_the_gpu_pack_runs_every_part_and_replaces_only_its_section(tmp_path):
         assert "| " in section and "failed" not in section and "limit" not in section, section
     assert "| batched" in text and "| tv:" not in text and "| convnet_d3 -> convnet_d3 |" in text
     assert "| d3hr inversion (to t = 600, CFG 4) |" in text
+    assert "| Minimax-style, fifo eviction | 8 |" in text and "| Minimax-style, max_similarity eviction | 8 |" in text
+    assert "| d4m img2img (tiny SD" in text
