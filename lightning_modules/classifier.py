@@ -53,7 +53,7 @@ class Classifier(RealValidation, L.LightningModule):
     checkpoint of this module loads back with ``build_model(name, num_classes, checkpoint=path)``.
 
     Args:
-        model: zoo name (timm name, ``tv:`` torchvision name, ``convnet_dN``).
+        model: zoo name (timm name, ``tv:`` torchvision name, ``convnet_dN``, ``resnet_apN``).
         num_classes: class count (default: the data module's).
         pretrained: start from the hub weights.
         checkpoint: start from a local checkpoint.

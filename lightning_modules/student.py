@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from patchdd.data.sources import teacher_class_folders, teacher_output_positions
 from patchdd.errors import DataError
 from patchdd.lightning_modules.classifier import RealValidation
-from patchdd.training.augment import AugmentOptions, MixMode, augment_batch, mix_batch
+from patchdd.training.augment import AugmentOptions, MixMode, augment_batch, mix_batch, mixed_cross_entropy
 from patchdd.training.kd import RDED_TEMPERATURE, Schedule, kd_kl_loss, learning_rate_for, lr_factor
 from patchdd.training.optim import accuracy_metrics, build_optimizer, weight_decay_groups
 from patchdd.training.zoo import OutputSubset, build_model, recorded_class_mapping
@@ -50,7 +50,7 @@ class FKDStudent(RealValidation, L.LightningModule):
     records (its class count, the data classes' positions) in the checkpoint; it is filled in ``setup``.
 
     Args:
-        teacher: zoo name of the teacher (timm name, ``tv:`` torchvision name, ``convnet_dN``).
+        teacher: zoo name of the teacher (timm name, ``tv:`` torchvision name, ``convnet_dN``, ``resnet_apN``).
         student: zoo name of the student.
         num_classes: class count (default: the data module's).
         teacher_pretrained: load the teacher's hub weights (torchvision / timm ImageNet-1K).
@@ -69,7 +69,8 @@ class FKDStudent(RealValidation, L.LightningModule):
         min_teacher_top1: the sanity gate: the fit refuses a teacher whose top-1 on the real validation data is
             lower (None: twice chance, 2 / classes; 0: no gate; a random teacher is never gated).
         label_mode: ``soft`` (the teacher's soft labels on each augmented batch: the protocol) or ``hard``
-            (cross-entropy on the set's class labels, no teacher and no mixing: DD-Ranking's hard-label runs).
+            (cross-entropy on the set's class labels, no teacher; a mixed image counts both its labels by area,
+            as IDC's CutMix loss; DD-Ranking's hard-label runs set ``mixing: none``).
         temperature: KD temperature (None: RDED's, 20 with CutMix, 4 with Mixup).
         scale_loss_by_t2: multiply the KD loss by T^2 (RDED does not).
         optimizer: ``adamw`` (RDED) or ``sgd``.
@@ -79,7 +80,8 @@ class FKDStudent(RealValidation, L.LightningModule):
         decay_weights_only: decay weight matrices / kernels only, not biases and norm parameters (RDED).
         momentum: SGD momentum.
         betas: AdamW betas.
-        schedule: ``half_cosine`` (RDED: ends at half the lr), ``cosine`` (to 0) or ``constant``, per epoch.
+        schedule: ``half_cosine`` (RDED: ends at half the lr), ``cosine`` (to 0), ``multistep`` (IDC: x 0.2 at 2/3
+            and at 5/6 of the epochs) or ``constant``, per epoch.
         track_unmixed_accuracy: RDED's extra no-grad student pass on the un-mixed batch for a training accuracy.
         channels_last: run student and teacher in channels-last memory format.
     """
@@ -120,9 +122,9 @@ class FKDStudent(RealValidation, L.LightningModule):
         self.save_hyperparameters()
         # LightningCLI and checkpoints hand the options over as a dict
         self.augment = augment if isinstance(augment, AugmentOptions) else AugmentOptions(**augment)
-        if temperature is None and mixing not in RDED_TEMPERATURE:
+        if temperature is None and label_mode == "soft" and mixing not in RDED_TEMPERATURE:
             raise ValueError(f"mixing {mixing!r} has no default temperature; pass temperature")
-        self.temperature = temperature if temperature is not None else RDED_TEMPERATURE[mixing]
+        self.temperature = temperature if temperature is not None else RDED_TEMPERATURE.get(mixing)
         self.lr = lr if lr is not None else learning_rate_for(student, lr_by_architecture or {})
         self.best_top1: float | None = None
         self.best_epoch: int | None = None
@@ -212,12 +214,13 @@ class FKDStudent(RealValidation, L.LightningModule):
             with torch.no_grad():
                 unmixed = (self(images).argmax(1) == labels).float().mean()
             self.log("train/top1_unmixed", unmixed, batch_size=len(labels))
-        if hp.label_mode == "hard":  # cross-entropy on the set's own labels, no mixing
-            loss = F.cross_entropy(self.student(self._memory_format(images)), labels)
+        mixing = hp.mixing if self.augment.enabled else "none"
+        batch = mix_batch(images, mixing, hp.cutmix_alpha, hp.mixup_alpha)
+        mixed = self._memory_format(batch.images)
+        if hp.label_mode == "hard":  # cross-entropy on the set's own labels (both labels of a mixed image)
+            loss = mixed_cross_entropy(self.student(mixed), labels, batch)
             self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
             return loss
-        mixing = hp.mixing if self.augment.enabled else "none"
-        mixed = self._memory_format(mix_batch(images, mixing, hp.cutmix_alpha, hp.mixup_alpha))
         with torch.no_grad():
             teacher_logits = self.teacher(mixed)
         student_logits = self.student(mixed)
@@ -274,8 +277,8 @@ class FKDStudent(RealValidation, L.LightningModule):
             path.write_text(json.dumps(self.protocol_card(teacher_top1), indent=1))
 
     def protocol_card(self, teacher_top1: float | None) -> dict:
-        """What a result was measured with: teacher and its real-val top-1, student, label mode, augmentation,
-        normalisation, mixing, epochs, batch size, class order, precision."""
+        """What a result was measured with: teacher and its real-val top-1, student, label mode, optimiser and
+        schedule, augmentation, normalisation, mixing, epochs, batch size, class order, precision."""
         hp, trainer = self.hparams, self.trainer
         datamodule = trainer.datamodule
         return {
@@ -284,8 +287,9 @@ class FKDStudent(RealValidation, L.LightningModule):
                 "name": hp.teacher, "checkpoint": hp.teacher_checkpoint, "pretrained": hp.teacher_pretrained,
                 "random": hp.random_teacher, "real_val_top1": teacher_top1},
             "student": {"name": hp.student, "kwargs": hp.student_kwargs, "lr": self.lr},
+            "optimizer": {"name": hp.optimizer, "weight_decay": hp.weight_decay, "schedule": hp.schedule},
             "augmentation": asdict(self.augment),
-            "mixing": hp.mixing if self.augment.enabled and hp.label_mode == "soft" else "none",
+            "mixing": hp.mixing if self.augment.enabled else "none",
             "temperature": self.temperature if hp.label_mode == "soft" else None,
             "epochs": trainer.max_epochs,
             "batch_size": getattr(datamodule, "batch_size", None),

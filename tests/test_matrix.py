@@ -214,3 +214,51 @@ def test_fairness_panel_from_a_matrix_with_all_protocols(tmp_path):
     stamp = cached.stat().st_mtime
     run_matrix(config, out, "inline")  # everything reused: the cells and the cached full-data student
     assert cached.stat().st_mtime == stamp
+
+
+def test_idc_protocol_cells_train_hard_label_students_by_idcs_rules(tmp_path):
+    """The idc protocol: no teacher (one row per student), configs/student/idc.yaml stacked on the base (SGD,
+    multi-step schedule, CutMix cross-entropy), epochs by IPC and class count unless the overrides set them; the
+    matrix table shows the first protocol."""
+    from patchdd.training.kd import idc_epochs
+    from patchdd.workflows.matrix import Cell, idc_length
+
+    write_real_folder(tmp_path / "real", per_class=2, seed=0)
+    write_synthetic_export(tmp_path / "syn" / "ipc2", ipc=2)
+    config = yaml.safe_load(matrix_config(tmp_path, base_config(tmp_path)).read_text())
+    config["protocols"] = ["idc"]
+    path = tmp_path / "idc.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    run_matrix(path, out, "inline")
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 and {r["teacher"] for r in rows} == {"none (hard labels)"}
+    assert all(r["status"] == "done" for r in rows)
+    cell = Path(rows[0]["log_dir"])
+    assert cell.name == "idc-seed0" and "configs/student/idc.yaml" in (cell / "command.txt").read_text()
+    card = json.loads((cell / "protocol.json").read_text())
+    assert card["label_mode"] == "hard" and card["teacher"] is None and card["mixing"] == "cutmix"
+    assert card["optimizer"] == {"name": "sgd", "weight_decay": 5e-4, "schedule": "multistep"}
+    assert card["student"]["lr"] == 0.01 and card["augmentation"]["scale"] == [0.5, 1.0]
+    assert card["epochs"] == 1  # the overrides win over IDC's rule
+    assert "| none (hard labels) |" in (out / "matrix.md").read_text()
+    idc_cell = Cell(TeacherSpec("none"), StudentSpec("convnet_d1"), 2, "random", 0, tmp_path, "idc")
+    assert idc_length(idc_cell, str(tmp_path / "syn" / "ipc{ipc}")) == {
+        "trainer.max_epochs": idc_epochs(2, len(CLASSES))}
+    assert idc_length(Cell(TeacherSpec("t"), StudentSpec("s"), 2, "random", 0, tmp_path), None) == {}
+    with pytest.raises(ValueError, match="synthetic_dir"):
+        idc_length(idc_cell, None)
+
+
+def test_idc_imagewoof_config_needs_no_teacher(tmp_path):
+    from patchdd.workflows.invoke import command_parser
+    from patchdd.workflows.matrix import matrix
+
+    parser = command_parser("matrix", matrix)
+    config = parser.instantiate_classes(parser.parse_args(["-c", str(REPO / "configs/matrix/idc_imagewoof.yaml"),
+                                                           "--out", str(tmp_path)]))
+    assert config.protocols == ["idc"] and config.teachers == []
+    assert [s.name for s in config.students] == ["convnet_d6", "resnet_ap10", "tv:resnet18"]
+    with pytest.raises(ValueError, match="a teacher unless every protocol uses hard labels"):
+        matrix(out=str(tmp_path), base=str(REPO / "configs/student/rded_defaults.yaml"), teachers=[],
+               students=config.students, protocols=["soft_aug", "idc"])

@@ -7,7 +7,8 @@ from patchdd.training.zoo import build_model, load_checkpoint
 ZOO = [
     ("resnet18", 64), ("resnet50", 64), ("resnet101", 64), ("mobilenetv2_100", 64), ("efficientnet_b0", 64),
     ("swin_tiny_patch4_window7_224", 224), ("vit_base_patch16_224", 224), ("tv:resnet18", 64),
-    ("tv:mobilenet_v2", 64), ("convnet_d3", 32), ("convnet_d4", 64),
+    ("tv:mobilenet_v2", 64), ("convnet_d3", 32), ("convnet_d4", 64), ("convnet_d6", 224), ("resnet_ap10", 224),
+    ("resnet_ap10", 128), ("resnet_ap18", 64),
 ]
 
 
@@ -31,6 +32,30 @@ def test_convnet_architecture_matches_the_literature() -> None:
     assert [c.out_channels for c in convs] == [128, 128, 128]
     assert all(n.num_groups == n.num_channels for n in norms)  # instance norm
     assert model.classifier.in_features == 128 * 4 * 4
+
+
+@pytest.mark.parametrize("size,stem_kernel,stem_pool", [(224, 7, 4), (128, 3, 2), (64, 3, 1)])
+def test_resnet_ap10_is_idcs_network(size: int, stem_kernel: int, stem_pool: int) -> None:
+    """IDC's ResNetAP-10: a stem sized by the input, one basic block per stage of width 64 / 128 / 256 / 512,
+    downsampling by average pooling (every convolution has stride 1), instance norm, 4.9 M parameters."""
+    model = build_model("resnet_ap10", num_classes=10, image_size=size)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.stride == (1, 1) for c in convs)
+    assert convs[0].kernel_size == (stem_kernel, stem_kernel)
+    pools = [m for m in model.stem.modules() if isinstance(m, torch.nn.AvgPool2d)]
+    assert [p.kernel_size for p in pools] == ([stem_pool] if stem_pool > 1 else [])
+    assert [b.conv2.out_channels for b in model.stages] == [64, 128, 256, 512]
+    assert all(n.num_groups == n.num_channels for n in model.modules() if isinstance(n, torch.nn.GroupNorm))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(4.9e6, rel=0.01)
+    features = model.stages(model.stem(torch.randn(1, 3, size, size)))
+    assert features.shape[-1] == size // max(stem_pool, 1) // 8  # three 2x2 poolings after the stem
+
+
+def test_resnet_ap_has_no_hub_weights_and_known_depths_only() -> None:
+    with pytest.raises(WeightsUnavailableError, match="no hub weights"):
+        build_model("resnet_ap10", num_classes=10, pretrained=True)
+    with pytest.raises(ValueError, match="depth must be one of"):
+        build_model("resnet_ap12", num_classes=10)
 
 
 def test_unknown_name_is_an_error() -> None:

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 
@@ -19,6 +20,8 @@ from patchdd.training.augment import (
     AugmentOptions,
     augment_batch,
     cutmix,
+    mix_batch,
+    mixed_cross_entropy,
     mixup,
     per_sample_transform,
     resized_crops,
@@ -31,7 +34,8 @@ from patchdd.data.subsets import imagenet_wnids
 from patchdd.training.zoo import build_model
 from patchdd.datamodules.callbacks import RDEDValidationSchedule
 from patchdd.lightning_modules.student import FKDStudent
-from patchdd.training.kd import kd_kl_loss, learning_rate_for, lr_factor, rded_batch_size, rded_validates
+from patchdd.training.kd import (idc_epochs, kd_kl_loss, learning_rate_for, lr_factor, rded_batch_size,
+                                rded_validates)
 from patchdd.training.optim import weight_decay_groups
 from student_helpers import CLASSES, SIZE, SquaresData, make_student, train_teacher
 
@@ -58,6 +62,16 @@ def test_protocol_functions():
     assert lr_factor(0, 300, "half_cosine") == 1.0
     assert lr_factor(299, 300, "half_cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 299 / 600)))
     assert lr_factor(150, 300, "cosine") == pytest.approx(0.5)
+    # IDC's MultiStepLR(milestones=[2E // 3, 5E // 6], gamma=0.2), checked against torch's own scheduler
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[200, 250], gamma=0.2)
+    for epoch in range(300):
+        assert lr_factor(epoch, 300, "multistep") == pytest.approx(optimizer.param_groups[0]["lr"]), epoch
+        optimizer.step()
+        reference.step()
+    assert [idc_epochs(ipc, 10) for ipc in (1, 2, 10, 11, 50, 100, 200, 500, 1000)] == \
+        [3000, 2000, 2000, 1500, 1500, 1000, 1000, 500, 300]
+    assert idc_epochs(10, 100) == 1333 and idc_epochs(10, 99) == 2000  # two thirds from 100 classes on
     assert [rded_batch_size(ipc, 10) for ipc in (1, 10, 50, 100)] == [10, 50, 100, 100]
     assert [rded_batch_size(ipc, 1000) for ipc in (1, 10, 50)] == [20, 100, 200]
     assert rded_batch_size(10, 100) == 100 and rded_batch_size(1, 4) == 4  # never above IPC x classes
@@ -163,7 +177,8 @@ def test_resized_crops_interpolate_like_torch_inside_the_crop():
 def test_cutmix_pastes_one_box_of_a_partner_and_mixup_blends():
     torch.manual_seed(3)
     images = torch.arange(8, dtype=torch.float32)[:, None, None, None].expand(8, 3, 16, 16).contiguous()
-    mixed = cutmix(images, alpha=1.0)
+    result = cutmix(images, alpha=1.0)
+    mixed = result.images
     changed = mixed[:, 0] != images[:, 0]
     assert changed.any()
     box = changed.any(0)  # one box for the whole batch
@@ -172,8 +187,23 @@ def test_cutmix_pastes_one_box_of_a_partner_and_mixup_blends():
     for i in range(8):
         values = mixed[i, 0][box].unique()
         assert len(values) == 1  # the pasted box comes from one partner image
-    blended = mixup(images, alpha=0.8)
+        assert values.item() == result.partner[i]  # ... the partner it names
+    assert result.own_fraction == pytest.approx(1 - box.float().mean().item())  # the area outside the box
+    blended = mixup(images, alpha=0.8).images
     assert ((blended >= 0) & (blended <= 7)).all() and not torch.equal(blended, images)
+
+
+def test_mixed_cross_entropy_weighs_both_labels_by_the_own_fraction():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    mixed = cutmix(torch.rand(6, 3, 16, 16))
+    own = mixed.own_fraction
+    expected = own * F.cross_entropy(logits, labels) + (1 - own) * F.cross_entropy(logits, labels[mixed.partner])
+    assert mixed_cross_entropy(logits, labels, mixed).item() == pytest.approx(expected.item())
+    assert 0.0 <= own <= 1.0
+    plain = mix_batch(torch.rand(6, 3, 16, 16), "none")
+    assert plain.partner is None
+    assert mixed_cross_entropy(logits, labels, plain).item() == pytest.approx(F.cross_entropy(logits, labels).item())
 
 
 class LossRecorder(L.Callback):

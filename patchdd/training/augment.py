@@ -193,10 +193,22 @@ def per_sample_transform(grid: int, options: AugmentOptions) -> Callable[[torch.
     return v2.Compose(steps)
 
 
-def cutmix(images: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+@dataclass
+class MixedBatch:
+    """A mixed batch: ``images``, the ``partner`` of each image (a permutation of the batch; None when nothing
+    was mixed) and ``own_fraction``, the share of each image that is still its own (CutMix: the area outside the
+    box; Mixup: lambda), which weighs the two labels of a hard-label loss."""
+
+    images: torch.Tensor
+    partner: torch.Tensor | None = None
+    own_fraction: float = 1.0
+
+
+def cutmix(images: torch.Tensor, alpha: float = 1.0) -> MixedBatch:
     """Paste one random box of a shuffled copy of the batch into every image (RDED's CutMix, one box per batch).
 
-    lambda ~ Beta(alpha, alpha); box sides ``int(side * sqrt(1 - lambda))`` around a uniform centre, clipped.
+    lambda ~ Beta(alpha, alpha); box sides ``int(side * sqrt(1 - lambda))`` around a uniform centre, clipped; the
+    own fraction is the area outside the clipped box (as IDC weighs its two cross-entropies).
     """
     b, _, h, w = images.shape
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
@@ -207,22 +219,31 @@ def cutmix(images: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     partner = torch.randperm(b, device=images.device)
     mixed = images.clone()
     mixed[:, :, y0:y1, x0:x1] = images[partner, :, y0:y1, x0:x1]
-    return mixed
+    return MixedBatch(mixed, partner, 1 - (y1 - y0) * (x1 - x0) / (h * w))
 
 
-def mixup(images: torch.Tensor, alpha: float = 0.8) -> torch.Tensor:
+def mixup(images: torch.Tensor, alpha: float = 0.8) -> MixedBatch:
     """Blend every image with one of a shuffled copy of the batch: ``lam * x + (1 - lam) * x[perm]``."""
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     partner = torch.randperm(len(images), device=images.device)
-    return lam * images + (1 - lam) * images[partner]
+    return MixedBatch(lam * images + (1 - lam) * images[partner], partner, lam)
 
 
-def mix_batch(images: torch.Tensor, mode: MixMode, cutmix_alpha: float = 1.0, mixup_alpha: float = 0.8) -> torch.Tensor:
+def mix_batch(images: torch.Tensor, mode: MixMode, cutmix_alpha: float = 1.0, mixup_alpha: float = 0.8) -> MixedBatch:
     """Apply the per-batch mixing ``mode`` (``cutmix``, ``mixup`` or ``none``)."""
     if mode == "cutmix":
         return cutmix(images, cutmix_alpha)
     if mode == "mixup":
         return mixup(images, mixup_alpha)
     if mode == "none":
-        return images
+        return MixedBatch(images)
     raise ValueError(f"unknown mixing {mode!r}; choose 'cutmix', 'mixup' or 'none'")
+
+
+def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+    """Cross-entropy on the labels of a mixed batch: ``own * CE(labels) + (1 - own) * CE(partner's labels)`` (IDC's
+    CutMix loss; plain cross-entropy when nothing was mixed)."""
+    loss = F.cross_entropy(logits, labels)
+    if mixed.partner is None:
+        return loss
+    return mixed.own_fraction * loss + (1 - mixed.own_fraction) * F.cross_entropy(logits, labels[mixed.partner])

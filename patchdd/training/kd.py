@@ -1,5 +1,6 @@
 """Knowledge distillation as RDED evaluates a synthetic set: the soft-label loss and RDED's protocol rules
-(temperature per mixing, learning-rate schedule, batch size, learning rate per architecture, validation cadence)."""
+(temperature per mixing, learning-rate schedule, batch size, learning rate per architecture, validation cadence),
+and the training length of IDC's hard-label protocol (Minimax, seed 001)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 
 # RDED (argument.py): the distillation temperature that goes with each mixing.
 RDED_TEMPERATURE = {"cutmix": 20.0, "mixup": 4.0}
-Schedule = Literal["half_cosine", "cosine", "constant"]
+Schedule = Literal["half_cosine", "cosine", "multistep", "constant"]
+MULTISTEP_GAMMA = 0.2  # IDC: MultiStepLR(milestones=[2E // 3, 5E // 6], gamma=0.2)
+IDC_EPOCHS = ((1, 3000), (10, 2000), (50, 1500), (200, 1000), (500, 500))  # (up to this IPC, epochs); then 300
 
 
 def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -30,15 +33,26 @@ def lr_factor(epoch: int, epochs: int, schedule: Schedule) -> float:
     """Learning-rate multiplier at ``epoch`` (0-based) of ``epochs``.
 
     ``half_cosine`` is RDED's ``0.5 (1 + cos(pi * epoch / (2 * epochs)))``: from 1 down to 0.5 at the end;
-    ``cosine`` goes down to 0; ``constant`` stays 1.
+    ``cosine`` goes down to 0; ``multistep`` is IDC's (Minimax, seed 001): x 0.2 from epoch ``2E // 3`` and again
+    from ``5E // 6``; ``constant`` stays 1.
     """
     if schedule == "half_cosine":
         return 0.5 * (1 + math.cos(math.pi * epoch / (2 * epochs)))
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if schedule == "multistep":
+        return MULTISTEP_GAMMA ** sum(epoch >= milestone for milestone in (2 * epochs // 3, 5 * epochs // 6))
     if schedule == "constant":
         return 1.0
-    raise ValueError(f"unknown schedule {schedule!r}; choose 'half_cosine', 'cosine' or 'constant'")
+    raise ValueError(f"unknown schedule {schedule!r}; choose 'half_cosine', 'cosine', 'multistep' or 'constant'")
+
+
+def idc_epochs(ipc: int, num_classes: int) -> int:
+    """IDC's training length for a hard-label student (Minimax / seed 001's ``argument.py``): 3000 epochs at IPC 1,
+    2000 up to IPC 10, 1500 up to 50, 1000 up to 200, 500 up to 500, else 300; two thirds of that for 100 or more
+    classes."""
+    epochs = next((e for bound, e in IDC_EPOCHS if ipc <= bound), 300)
+    return epochs * 2 // 3 if num_classes >= 100 else epochs
 
 
 def rded_batch_size(ipc: int, num_classes: int) -> int:

@@ -5,8 +5,12 @@ Names:
 * any timm name (``resnet18``, ``resnet50``, ``resnet101``, ``mobilenetv2_100``, ``efficientnet_b0``,
   ``swin_tiny_patch4_window7_224``, ``vit_base_patch16_224``, ...);
 * torchvision names with the ``tv:`` prefix (``tv:resnet18``, ``tv:mobilenet_v2``, ...);
-* the dataset-distillation ConvNets ``convnet_d3`` / ``convnet_d4`` (``convnet_d{N}`` for any depth N):
-  width 128, instance norm, ReLU, 2x2 average pooling after every block, one linear classifier.
+* the dataset-distillation ConvNets ``convnet_d3`` / ``convnet_d4`` (``convnet_d{N}`` for any depth N; IDC's
+  ConvNet-6 is ``convnet_d6``): width 128, instance norm, ReLU, 2x2 average pooling after every block, one linear
+  classifier;
+* IDC's ResNetAP (``resnet_ap10``, ``resnet_ap18``, ``resnet_ap34``): a ResNet with basic blocks whose
+  downsampling is 2x2 average pooling instead of strided convolutions, instance norm by default (the hard-label
+  students of Minimax and seed 001).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from patchdd.errors import CheckpointMismatchError, WeightsUnavailableError
 
 TORCHVISION_PREFIX = "tv:"
 CONVNET_PREFIX = "convnet_d"
+RESNET_AP_PREFIX = "resnet_ap"
+RESNET_AP_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # basic blocks per stage
 ConvNetNorm = Literal["instance", "batch", "none"]
 STATE_DICT_PREFIXES = ("model.", "module.", "_orig_mod.", "student.", "teacher.", "net.")
 
@@ -66,6 +72,60 @@ def norm_layer(norm: ConvNetNorm, channels: int) -> nn.Module:
     raise ValueError(f"unknown ConvNet norm {norm!r}; choose 'instance', 'batch' or 'none'")
 
 
+class ResidualBlockAP(nn.Module):
+    """A basic residual block that downsamples by 2x2 average pooling after its first convolution; the shortcut
+    is a 1x1 convolution, the same pooling and a norm whenever the shape changes."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: ConvNetNorm) -> None:
+        super().__init__()
+        bias = norm == "none"
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1, bias=bias)
+        self.norm1 = norm_layer(norm, channels)
+        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=bias)
+        self.norm2 = norm_layer(norm, channels)
+        self.shortcut = nn.Identity() if stride == 1 and in_channels == channels else nn.Sequential(
+            nn.Conv2d(in_channels, channels, 1, bias=bias), nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
+            norm_layer(norm, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pool(torch.relu(self.norm1(self.conv1(x))))
+        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetAP(nn.Module):
+    """IDC's ResNetAP: a stem sized for the input (above 128 px a 7x7 convolution then 4x4 average pooling, above
+    64 px a 3x3 convolution then 2x2 pooling, else a 3x3 convolution alone), four stages of
+    :class:`ResidualBlockAP` of width ``width`` x (1, 2, 4, 8), global average pooling, one linear classifier."""
+
+    def __init__(self, num_classes: int, depth: int = 10, width: int = 64, image_size: int = 224,
+                 norm: ConvNetNorm = "instance") -> None:
+        super().__init__()
+        if depth not in RESNET_AP_BLOCKS:
+            raise ValueError(f"ResNetAP depth must be one of {sorted(RESNET_AP_BLOCKS)}, got {depth}")
+        kernel, pool = (7, 4) if image_size > 128 else (3, 2) if image_size > 64 else (3, 1)
+        self.stem = nn.Sequential(nn.Conv2d(3, width, kernel, padding=kernel // 2, bias=norm == "none"),
+                                  norm_layer(norm, width), nn.ReLU(inplace=True),
+                                  nn.AvgPool2d(pool) if pool > 1 else nn.Identity())
+        stages, channels = [], width
+        for stage, blocks in enumerate(RESNET_AP_BLOCKS[depth]):
+            out_channels = width * 2 ** stage
+            for block in range(blocks):
+                stride = 2 if stage > 0 and block == 0 else 1
+                stages.append(ResidualBlockAP(channels, out_channels, stride, norm))
+                channels = out_channels
+        self.stages = nn.Sequential(*stages)
+        self.num_features = channels
+        self.classifier = nn.Linear(channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.stages(self.stem(x))
+        return self.classifier(features.mean(dim=(2, 3)))
+
+
 class OutputSubset(nn.Module):
     """A classifier whose logits are cut to some of its classes (a 1000-class teacher on an ImageNet subset)."""
 
@@ -96,10 +156,13 @@ def build_model(
     """
     if pretrained and checkpoint:
         raise ValueError("pass either pretrained=True or a checkpoint, not both")
+    if pretrained and name.startswith((CONVNET_PREFIX, RESNET_AP_PREFIX)):
+        raise WeightsUnavailableError(f"{name} has no hub weights; train one and pass checkpoint=PATH")
     if name.startswith(CONVNET_PREFIX):
-        if pretrained:
-            raise WeightsUnavailableError(f"{name} has no hub weights; train one and pass checkpoint=PATH")
         model = ConvNet(num_classes, depth=int(name[len(CONVNET_PREFIX):]), image_size=image_size or 32, **kwargs)
+    elif name.startswith(RESNET_AP_PREFIX):
+        model = ResNetAP(num_classes, depth=int(name[len(RESNET_AP_PREFIX):]), image_size=image_size or 224,
+                         **kwargs)
     elif name.startswith(TORCHVISION_PREFIX):
         model = _build_torchvision(name[len(TORCHVISION_PREFIX):], num_classes, pretrained, **kwargs)
     else:
@@ -113,7 +176,8 @@ def _build_timm(name: str, num_classes: int, pretrained: bool, image_size: int |
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: not a timm name, nor 'tv:<torchvision name>', nor 'convnet_dN'")
+        raise ValueError(f"unknown model {name!r}: not a timm name, nor 'tv:<torchvision name>', nor 'convnet_dN', "
+                         "nor 'resnet_apN'")
     if image_size is not None and _takes_img_size(name):
         kwargs.setdefault("img_size", image_size)
     try:

@@ -33,7 +33,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from patchdd.errors import PatchDDError, one_line
+from patchdd.formats.synthetic_folder import synthetic_classes
 from patchdd.lightning_modules.student import SUMMARY_FILE
+from patchdd.training.kd import idc_epochs
 from patchdd.training.zoo import find_run_checkpoint
 from patchdd.workflows.console import output_to
 from patchdd.workflows.invoke import packaged_path, run_trainer_command
@@ -43,9 +45,12 @@ from patchdd.workflows.runs import fit_arguments, format_cell, seed_statistics, 
 RESULT_COLUMNS = ["teacher", "student", "ipc", "selector", "protocol", "seed", "final_top1", "final_top5",
                   "best_top1", "best_epoch", "status", "error", "seconds", "peak_memory_mb", "log_dir"]
 # How a cell trains its student: the teacher's soft labels or the set's hard labels, with RDED's augmentation or
-# none (Resize + Normalize). soft_aug is the protocol; the others are the fairness panel's variants.
-Protocol = Literal["soft_aug", "soft_noaug", "hard_aug", "hard_noaug"]
+# none (Resize + Normalize). soft_aug is the protocol; the others are the fairness panel's variants; idc is IDC's
+# hard-label protocol (cross-entropy with CutMix, SGD, multi-step schedule, epochs by IPC), which Minimax and seed
+# 001 report with: its settings are the file ``idc_config``, stacked on the base config.
+Protocol = Literal["soft_aug", "soft_noaug", "hard_aug", "hard_noaug", "idc"]
 MAIN_PROTOCOL = "soft_aug"
+HARD_LABEL_PROTOCOLS = ("hard_aug", "hard_noaug", "idc")  # no teacher: one row per student
 Metric = Literal["final_top1", "best_top1"]
 Launcher = Literal["subprocess", "inline"]
 IDENTITY_FILE = "cell.json"  # the hash of the config a cell ran with
@@ -118,8 +123,10 @@ def cell_overrides(cell: Cell, batch_size: int | str | None, synthetic_dir: str 
     }
     if cell.student.lr is not None:
         values["model.init_args.lr"] = cell.student.lr
-    if cell.protocol.startswith("hard"):
+    if cell.protocol in HARD_LABEL_PROTOCOLS:
         values["model.init_args.label_mode"] = "hard"
+    if cell.protocol.startswith("hard"):  # DD-Ranking's hard-label runs: one label per image, no mixing
+        values["model.init_args.mixing"] = "none"
     if cell.protocol.endswith("noaug"):
         values["model.init_args.augment.enabled"] = False
     if devices is not None:
@@ -150,7 +157,7 @@ def error_line(log_file: Path) -> str:
 
 
 def run_cell(cell: Cell, args: list[str], gpus: list[int] | None, launcher: Launcher) -> dict:
-    """Run one cell's fit; ``subprocess`` writes its output to ``cell.directory/log.txt``."""
+    """Run one cell's fit; its output goes to ``cell.directory/log.txt``."""
     cell.directory.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "patchdd", *args]
     (cell.directory / "command.txt").write_text(shlex.join(command) + "\n")
@@ -296,13 +303,13 @@ def device_slots(gpus: list[int] | None, devices_per_cell: int) -> list[list[int
 def plan_cells(out_dir: Path, teachers: list[TeacherSpec], students: list[StudentSpec], ipcs: list[int],
                selectors: list[str], seeds: list[int], protocols: list[str] = (MAIN_PROTOCOL,)) -> list[Cell]:
     """Every (protocol, IPC, selector, teacher, student, seed) with its log directory, in that nesting order.
-    Hard-label protocols use no teacher: one row per student (teacher ``none``)."""
+    Hard-label protocols (``HARD_LABEL_PROTOCOLS``) use no teacher: one row per student (teacher ``none``)."""
     for kind, titles in (("teacher", [t.title for t in teachers]), ("student", [s.title for s in students])):
         if len(set(titles)) != len(titles):
             raise ValueError(f"two {kind}s share a label in {titles}: give them distinct 'label's")
     cells = []
     for protocol in protocols:
-        rows = teachers if protocol.startswith("soft") else [NO_TEACHER]
+        rows = [NO_TEACHER] if protocol in HARD_LABEL_PROTOCOLS else teachers
         prefix = "" if protocol == MAIN_PROTOCOL else f"{protocol}-"
         cells += [Cell(t, s, ipc, sel, seed, out_dir / f"ipc{ipc}" / slug(sel) / f"{slug(t.title)}__{slug(s.title)}"
                        / f"{prefix}seed{seed}", protocol)
@@ -349,8 +356,8 @@ def run_workers(worker, slots: list[list[int] | None]) -> None:
 def matrix(
     out: str,
     base: str | list[str],
-    teachers: list[TeacherSpec],
-    students: list[StudentSpec],
+    teachers: list[TeacherSpec] = [],
+    students: list[StudentSpec] = [],
     ipcs: list[int] = [10],
     selectors: list[str] = ["diffusion"],
     seeds: list[int] = [0],
@@ -364,6 +371,7 @@ def matrix(
     title: str = "Teacher x student matrix",
     protocols: list[Protocol] = [MAIN_PROTOCOL],
     full_data: FullDataSpec | None = None,
+    idc_config: str = "configs/student/idc.yaml",
 ) -> Path:
     """Run a teacher x student (x IPC x selector x seed) matrix of FKD student fits; write CSV, Markdown and heatmap.
 
@@ -371,7 +379,8 @@ def matrix(
         out: output directory (one log directory per cell, ``results.csv``, ``matrix.md``, ``matrix.png``).
         base: the ``fit`` config(s) every cell starts from, stacked in order (e.g.
             ``[configs/student/rded_defaults.yaml, configs/student/imagewoof.yaml]``).
-        teachers: rows: ``{name, checkpoint, pretrained, random_init, label, kwargs}``.
+        teachers: rows: ``{name, checkpoint, pretrained, random_init, label, kwargs}`` (none needed when every
+            protocol uses hard labels).
         students: columns: ``{name, lr, label, kwargs}`` (lr None: the base config's ``lr_by_architecture``).
         ipcs: images per class; set as ``data.ipc`` (or filled into ``synthetic_dir``).
         selectors: patch selectors; set as ``data.selector`` (or filled into ``synthetic_dir``).
@@ -389,16 +398,21 @@ def matrix(
         heatmap_metric: what the heatmap shows, ``final_top1`` or ``best_top1`` (``matrix.md`` shows both).
         title: title of the Markdown file and the heatmap.
         protocols: how the students learn: ``soft_aug`` (the protocol: the teacher's soft labels, RDED's
-            augmentation), and the fairness panel's ``soft_noaug``, ``hard_aug``, ``hard_noaug`` (hard labels: no
-            teacher; noaug: Resize + Normalize only). With more than ``soft_aug``, or with ``random_real`` among the
-            selectors, ``panel.csv`` / ``panel.md`` / ``panel.png`` are written too.
+            augmentation), the fairness panel's ``soft_noaug``, ``hard_aug``, ``hard_noaug`` (hard labels: no
+            teacher, no mixing; noaug: Resize + Normalize only) and ``idc`` (IDC's hard-label protocol, as Minimax
+            and seed 001 report; ``idc_config``). ``matrix.md`` / ``matrix.png`` show the first protocol. With more
+            than one, or with ``random_real`` among the selectors, ``panel.csv`` / ``panel.md`` / ``panel.png`` are
+            written too.
         full_data: the full-data student of each student architecture for the panel's HLR and LRS (a
             ``Classifier`` fit config on the real data; trained once and cached).
+        idc_config: the settings of the ``idc`` protocol's cells, stacked on ``base``; their epochs follow IDC's
+            rule by IPC and class count (:func:`patchdd.training.kd.idc_epochs`) unless ``overrides`` set
+            ``trainer.max_epochs``.
     """
     if launcher == "inline" and gpus is not None:
         raise ValueError("launcher='inline' runs cells one by one in this process; use 'subprocess' with gpus")
-    if not teachers or not students:
-        raise ValueError("a matrix needs at least one teacher and one student")
+    if not students or (not teachers and any(p not in HARD_LABEL_PROTOCOLS for p in protocols)):
+        raise ValueError("a matrix needs at least one student, and a teacher unless every protocol uses hard labels")
     bases = [packaged_path(path) for path in ([base] if isinstance(base, str) else base)]
     missing = [path for path in bases if not Path(path).is_file()]
     if missing:
@@ -408,9 +422,11 @@ def matrix(
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(out_dir, teachers, students, ipcs, selectors, seeds, protocols)
     devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
-    settings = [cell_overrides(cell, None if batch_size == "base" else batch_size, synthetic_dir, devices, overrides)
+    cell_bases = [bases + [packaged_path(idc_config)] if cell.protocol == "idc" else bases for cell in cells]
+    settings = [cell_overrides(cell, None if batch_size == "base" or cell.protocol == "idc" else batch_size,
+                               synthetic_dir, devices, idc_length(cell, synthetic_dir) | overrides)
                 for cell in cells]
-    identities = [cell_identity(bases, values) for values in settings]
+    identities = [cell_identity(paths, values) for paths, values in zip(cell_bases, settings)]
     rows: list[dict | None] = [None] * len(cells)
     pending: queue.Queue = queue.Queue()
     stale = 0
@@ -443,7 +459,8 @@ def matrix(
             if resume:  # the cut run's metrics.csv is continued, not replaced
                 values = values | {"trainer.logger": values["trainer.logger"] | {"class_path": RESUMABLE_LOGGER}}
             write_identity(cell.directory, identities[index])
-            outcome = run_cell(cell, fit_arguments(bases, values, last if resume else None), slot, launcher)
+            outcome = run_cell(cell, fit_arguments(cell_bases[index], values, last if resume else None), slot,
+                               launcher)
             rows[index] = result_row(cell, outcome)
             progress.write(f"cell {index + 1}/{len(cells)}: {cell.describe()}{where}: {describe_outcome(outcome)}")
             progress.update()
@@ -452,10 +469,12 @@ def matrix(
         run_workers(worker, device_slots(gpus, devices_per_cell))
     progress.close()
     finished = [row for row in rows if row is not None]
-    teacher_names = list(dict.fromkeys(t.title for t in teachers))
+    table_protocol = protocols[0]  # matrix.md and matrix.png show the first protocol
+    teacher_names = [NO_TEACHER.title] if table_protocol in HARD_LABEL_PROTOCOLS else \
+        list(dict.fromkeys(t.title for t in teachers))
     student_names = list(dict.fromkeys(s.title for s in students))
     write_results(out_dir / "results.csv", finished)
-    main = [row for row in finished if row["protocol"] == MAIN_PROTOCOL]
+    main = [row for row in finished if row["protocol"] == table_protocol]
     write_markdown(out_dir / "matrix.md", main, teacher_names, student_names, title)
     write_heatmap(out_dir / "matrix.png", main, teacher_names, student_names, heatmap_metric, title)
     if len(protocols) > 1 or RANDOM_REAL in selectors:
@@ -489,6 +508,18 @@ def check_prerequisites(teachers: list[TeacherSpec], ipcs: list[int], selectors:
     if missing:
         raise FileNotFoundError("the matrix needs what is missing: " + "; ".join(missing)
                                 + " (the toy configs read what `make demo` writes: run it first)")
+
+
+def idc_length(cell: Cell, synthetic_dir: str | None) -> dict:
+    """``trainer.max_epochs`` of an ``idc`` cell by IDC's rule (its IPC and the set's class count; empty for the
+    other protocols). The class count is read from the exported set; a store has none to read."""
+    if cell.protocol != "idc":
+        return {}
+    if synthetic_dir is None:
+        raise ValueError("the idc protocol reads the class count from exported sets (synthetic_dir); with a store, "
+                         "set overrides: {trainer.max_epochs: N} (IDC's rule: patchdd.training.kd.idc_epochs)")
+    classes = synthetic_classes(synthetic_dir.format(ipc=cell.ipc, selector=cell.selector))
+    return {"trainer.max_epochs": idc_epochs(cell.ipc, len(classes))}
 
 
 def has_checkpoint(path: str) -> bool:

@@ -22,7 +22,7 @@ from patchdd.workflows.console import output_to
 from patchdd.workflows.invoke import packaged_path, run_trainer_command
 from patchdd.workflows.runs import fit_arguments, format_cell, seed_statistics, slug, validation_top1s
 
-PROTOCOLS = ("soft_aug", "soft_noaug", "hard_aug", "hard_noaug")
+PROTOCOLS = ("soft_aug", "soft_noaug", "hard_aug", "hard_noaug", "idc")  # idc: a column, in no score
 RANDOM_REAL = "random_real"
 PANEL_COLUMNS = ["ipc", "selector", "teacher", "student", "protocol", "seed", "final_top1", "best_top1", "status",
                  "seconds", "peak_memory_mb", "log_dir"]
