@@ -1,5 +1,6 @@
 """The demo's whole pipeline on a reduced setting: tiny prior, few images, short trainings; every cell filled."""
 
+import json
 from pathlib import Path
 
 import yaml
@@ -41,28 +42,38 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
     generators = {"dit": _reduced("configs/generate/toy_dit.yaml", tmp_path, {"sampling.steps": 10}),
                   "d3hr": _reduced("configs/generate/toy_d3hr.yaml", tmp_path, {
                       "sampling.steps": 10, "d3hr.candidates": 128, "d3hr.block_size": 64}),
+                  "memory": _reduced("configs/generate/toy_dit.yaml", tmp_path, {"sampling.steps": 10}),
                   "d4m": _reduced("configs/generate/toy_d4m.yaml", tmp_path, {"d4m.steps": 5, "d4m.image_size": 32})}
+    # seed 001's row: the committed toy DiT fine-tuned a few steps with self-adaptive memory banks
+    finetunes = {"memory": [_reduced("configs/prior/toy_minimax.yaml", tmp_path, {
+        "trainer.max_steps": 4, "data.init_args.num_workers": 0}), "configs/prior/adaptive_memory.yaml"],
+        "minimax": "configs/prior/toy_minimax.yaml"}  # not a generator row here: never run
     out = tmp_path / "demo"
     kwargs = dict(out=str(out), data=str(data), prior=str(prior), teacher_config=teacher, score_config=score,
                   student_configs=["configs/student/rded_defaults.yaml", student], ipcs=[1, 2],
                   selectors=["diffusion", "random", "rded", "random_real"], invert_config=invert,
-                  generators=generators, seeds=[0, 1], student_epochs=2, protocols=["soft_aug", "hard_aug"])
+                  generators=generators, finetunes=finetunes, seeds=[0, 1], student_epochs=2,
+                  protocols=["soft_aug", "hard_aug"])
 
     table = demo(**kwargs).read_text()
 
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     main = rows[:rows.index(next(r for r in rows if FULL_DATA_ROW in r)) + 1]
     assert [row.split("|")[1].strip() for row in main] == ["diffusion", "random", "rded", "random_real", "dit", "d3hr",
-                                                           "d4m", FULL_DATA_ROW]
-    for row in main[:7]:
+                                                           "memory", "d4m", FULL_DATA_ROW]
+    for row in main[:8]:
         cells = [c.strip() for c in row.split("|")[2:-1]]
         assert len(cells) == 4 and all(c and c != "failed" for c in cells), row
         assert "±" in cells[0] and "±" in cells[1]  # two seeds: mean ± std
     assert "generated" in main[5] and "generated" not in main[0]  # no source patches to localise
     for name in ("results.png", "contact_sheet.png", "results.json"):
         assert (out / name).stat().st_size > 0
-    assert len(list((out / "students").rglob("summary.json"))) == 2 * 7 * 2 * 2  # IPCs x methods x seeds x protocols
+    assert len(list((out / "students").rglob("summary.json"))) == 2 * 8 * 2 * 2  # IPCs x methods x seeds x protocols
     assert "| generation (d3hr) |" in table and "D3HR inversion statistics" in table
+    assert "DiT fine-tune (memory" in table and "fine-tune (minimax" not in table
+    memory_set = json.loads((out / "syn" / "memory" / "ipc2" / "synthetic.json").read_text())
+    assert Path(memory_set["prior"]) == out / "priors" / "memory"  # sampled from its own fine-tuned DiT
+    assert (out / "priors" / "memory_logs").is_dir() and not (out / "priors" / "minimax").exists()
     assert "## Fairness panel" in table and "## Cost ledger" in table
     panel = next(line for line in table.splitlines() if line.startswith("| diffusion |") and "LRS" not in line
                  and line.count("|") > 8)
@@ -75,7 +86,7 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
     results = table.partition("## Cost ledger")[0]
     assert again.partition("## Cost ledger")[0] == results  # the same results; the ledger says what ran this time
     assert "done before" in again.partition("## Cost ledger")[2]
-    assert len(list((out / "students").rglob("summary.json"))) == 56
+    assert len(list((out / "students").rglob("summary.json"))) == 64
     assert (out / "students" / "results.csv").stat().st_mtime >= stamp
 
 

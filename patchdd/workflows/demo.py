@@ -92,10 +92,10 @@ def per_set_row(name: str, seconds: float | None, images: int, ipcs: Sequence[in
 
 
 def cost_ledger(ledger: dict[str, float], results_csv: Path, selectors: Sequence[str], generators: Sequence[str],
-                ipcs: Sequence[int], num_classes: int) -> str:
+                finetunes: Sequence[str], ipcs: Sequence[int], num_classes: int) -> str:
     """Seconds per stage of this run (stages done before show as such), per synthetic image; the one-time stages
-    (Stage I's scoring, D3HR's inversion) amortised over every set built from them; students per protocol from the
-    matrix's rows (their seconds and peak memory)."""
+    (Stage I's scoring, D3HR's inversion, a fine-tune) amortised over every set built from them; students per
+    protocol from the matrix's rows (their seconds and peak memory)."""
     per_method = sum(i * num_classes for i in ipcs)
     lines = ["| stage | seconds | seconds per synthetic image | note |", "| --- | --- | --- | --- |"]
     scoring = next((v for k, v in ledger.items() if k.startswith("scoring")), None)
@@ -107,6 +107,8 @@ def cost_ledger(ledger: dict[str, float], results_csv: Path, selectors: Sequence
         inversion = next((v for k, v in ledger.items() if k.startswith("D3HR inversion")), None)
         lines.append(once_per_dataset_row("D3HR inversion statistics (once per dataset)", inversion, len(ipcs),
                                           per_method, "the statistics serve every IPC and class subset"))
+    lines += [once_per_dataset_row(f"DiT fine-tune ({f}, once per dataset)", ledger.get(f"fine-tune ({f})"),
+                                   len(ipcs), per_method, "serves every IPC of its row") for f in finetunes]
     lines += [per_set_row(f"generation ({g})", ledger.get(f"generate ({g})"), per_method, ipcs) for g in generators]
     with results_csv.open() as fh:
         rows = [r for r in csv.DictReader(fh) if r["status"] == "done"]
@@ -147,9 +149,9 @@ def results_markdown(accuracy: dict, localisation: dict, full_data: float, selec
                  + " |" + " — |" * len(ipcs))
     notes = (f"\nStudent: final top-1 on the real toy validation split, mean ± std over {seeds} seeds. "
              "Localisation: share of selected patches that contain at least half of their image's object "
-             "(ground-truth boxes); generated images (dit, d3hr) have no source patch. Full data: the ConvNet-D3 teacher itself (its best epoch, the checkpoint that "
-             "teaches the students), trained with cross-entropy on "
-             "all training images (one run).\n")
+             "(ground-truth boxes); generated images have no source patch. Full data: the ConvNet-D3 teacher "
+             "itself (its best epoch, the checkpoint that teaches the students), trained with cross-entropy on all "
+             "training images (one run).\n")
     return "\n".join(lines) + "\n" + notes
 
 
@@ -214,18 +216,25 @@ def demo(
     dit_prior: str = "assets/toy_dit",
     dit_prior_config: str = "configs/prior/toy_dit.yaml",
     invert_config: str = "configs/invert/toy_d3hr.yaml",
-    generators: dict[str, str] = {"dit": "configs/generate/toy_dit.yaml", "d3hr": "configs/generate/toy_d3hr.yaml"},
+    generators: dict[str, str] = {"dit": "configs/generate/toy_dit.yaml", "d3hr": "configs/generate/toy_d3hr.yaml",
+                                  "minimax": "configs/generate/toy_dit.yaml", "memory": "configs/generate/toy_dit.yaml",
+                                  "d4m": "configs/generate/toy_d4m.yaml"},
+    finetunes: dict[str, str | list[str]] = {
+        "minimax": "configs/prior/toy_minimax.yaml",
+        "memory": ["configs/prior/toy_minimax.yaml", "configs/prior/adaptive_memory.yaml"]},
     seeds: list[int] = [0, 1],
-    student_epochs: int = 100,
+    student_epochs: int = 80,
     localisation_threshold: float = 0.5,
     protocols: list[str] = ["soft_aug"],
 ) -> Path:
     """Run the whole method on the toy data and write runs/demo/results.{md,png} and a contact sheet.
 
     The prior is read from ``prior`` (an SD-layout folder); when it is missing it is trained first with
-    ``prior_config``. The generative rows (``generators``: method -> ``generate`` config) use the DiT prior
-    ``dit_prior`` (trained with ``dit_prior_config`` when missing), D4M the SD-layout ``prior``; D3HR's inversion
-    statistics come from ``invert_config``. ``score_config`` and ``distill_config`` may be stacks of files (later ones override), e.g.
+    ``prior_config``. The generative rows (``generators``: row -> ``generate`` config) use the DiT prior
+    ``dit_prior`` (trained with ``dit_prior_config`` when missing), D4M the SD-layout ``prior``, and a row of
+    ``finetunes`` (row -> ``fit`` config(s): Minimax, seed 001's memory) the DiT fine-tuned from ``dit_prior`` by
+    that config; D3HR's inversion statistics come from ``invert_config``. ``score_config`` and ``distill_config``
+    may be stacks of files (later ones override), e.g.
     ``configs/distill/toy.yaml`` plus ``configs/distill/toy_2x2.yaml`` for RDED's 2x2 layout.
     """
     out_dir, data_dir, prior_dir = Path(out), Path(data), Path(packaged_path(prior))
@@ -265,10 +274,19 @@ def demo(
             ["predict", "-c", invert_config, "--data.root", str(data_dir), "--model.prior", str(dit_dir),
              "--stats.dir", str(out_dir / "d3hr_stats"), "--trainer.default_root_dir", str(out_dir / "d3hr_stats"),
              "--trainer.enable_progress_bar", "false"]), logs / "d3hr_inversion.log", ledger)
+    finetunes = {name: configs for name, configs in finetunes.items() if name in generators}
+    for name, configs in finetunes.items():
+        tuned = out_dir / "priors" / name
+        _stage(f"fine-tune ({name})", (tuned / "transformer").is_dir(), lambda c=configs, t=tuned: run_trainer_command(
+            ["fit", *config_args(c), "--data.root", str(data_dir), "--model.pretrained", str(dit_dir),
+             "--model.export_dir", str(t), "--trainer.default_root_dir", str(t.with_name(f"{t.name}_logs")),
+             "--trainer.enable_progress_bar", "false"]), logs / f"finetune-{name}.log", ledger)
     data_classes = ",".join(list_class_folders(data_dir / "train"))  # the prior may know more classes
     for method, config in generators.items():
         done = all((syn_root / method / f"ipc{i}" / INFO_FILE).is_file() for i in ipcs)
-        method_prior = prior_dir if method == "d4m" else dit_dir  # D4M works with the SD-layout prior
+        # D4M works with the SD-layout prior, a fine-tuned row with its own DiT
+        method_prior = prior_dir if method == "d4m" else out_dir / "priors" / method if method in finetunes \
+            else dit_dir
         _stage(f"generate ({method})", done, lambda m=method, c=config, p=method_prior: run_function(
             "generate", generate, ["-c", c, "--prior", str(p), "--out", str(syn_root / m), "--data", str(data_dir),
                                    "--stats", str(out_dir / "d3hr_stats"), "--classes", data_classes,
@@ -295,8 +313,8 @@ def demo(
     table = results_markdown(accuracy, localisation, full_data, methods, ipcs, len(seeds))
     panel = out_dir / "students" / "panel.md"
     panel_text = panel.read_text().partition("\n\n")[2] if panel.is_file() else ""
-    costs = cost_ledger(ledger, out_dir / "students" / "results.csv", selectors, list(generators), ipcs,
-                        len(synthetic_classes(syn_root / selectors[0] / f"ipc{ipcs[0]}")))
+    costs = cost_ledger(ledger, out_dir / "students" / "results.csv", selectors, list(generators), list(finetunes),
+                        ipcs, len(synthetic_classes(syn_root / selectors[0] / f"ipc{ipcs[0]}")))
     (out_dir / "results.md").write_text(f"# Toy demo results\n\n{table}\n## Fairness panel\n\n{panel_text}\n"
                                         f"## Cost ledger\n\n{costs}")
     results_chart(accuracy, localisation, full_data, methods, ipcs, out_dir / "results.png")
