@@ -243,11 +243,12 @@ def test_idc_protocol_cells_train_hard_label_students_by_idcs_rules(tmp_path):
     assert card["epochs"] == 1  # the overrides win over IDC's rule
     assert "| none (hard labels) |" in (out / "matrix.md").read_text()
     idc_cell = Cell(TeacherSpec("none"), StudentSpec("convnet_d1"), 2, "random", 0, tmp_path, "idc")
-    assert idc_length(idc_cell, str(tmp_path / "syn" / "ipc{ipc}")) == {
+    assert idc_length(idc_cell, str(tmp_path / "syn" / "ipc{ipc}"), {}) == {
         "trainer.max_epochs": idc_epochs(2, len(CLASSES))}
-    assert idc_length(Cell(TeacherSpec("t"), StudentSpec("s"), 2, "random", 0, tmp_path), None) == {}
+    assert idc_length(Cell(TeacherSpec("t"), StudentSpec("s"), 2, "random", 0, tmp_path), None, {}) == {}
+    assert idc_length(idc_cell, None, {"trainer.max_epochs": 5}) == {}  # a store, the epochs given
     with pytest.raises(ValueError, match="synthetic_dir"):
-        idc_length(idc_cell, None)
+        idc_length(idc_cell, None, {})
 
 
 def test_idc_imagewoof_config_needs_no_teacher(tmp_path):

@@ -72,6 +72,11 @@ def norm_layer(norm: ConvNetNorm, channels: int) -> nn.Module:
     raise ValueError(f"unknown ConvNet norm {norm!r}; choose 'instance', 'batch' or 'none'")
 
 
+def average_pooling(factor: int) -> nn.Module:
+    """``factor`` x ``factor`` average pooling (nothing for a factor of 1)."""
+    return nn.AvgPool2d(factor) if factor > 1 else nn.Identity()
+
+
 class ResidualBlockAP(nn.Module):
     """A basic residual block that downsamples by 2x2 average pooling after its first convolution; the shortcut
     is a 1x1 convolution, the same pooling and a norm whenever the shape changes."""
@@ -81,12 +86,11 @@ class ResidualBlockAP(nn.Module):
         bias = norm == "none"
         self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1, bias=bias)
         self.norm1 = norm_layer(norm, channels)
-        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.pool = average_pooling(stride)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=bias)
         self.norm2 = norm_layer(norm, channels)
         self.shortcut = nn.Identity() if stride == 1 and in_channels == channels else nn.Sequential(
-            nn.Conv2d(in_channels, channels, 1, bias=bias), nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
-            norm_layer(norm, channels))
+            nn.Conv2d(in_channels, channels, 1, bias=bias), average_pooling(stride), norm_layer(norm, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pool(torch.relu(self.norm1(self.conv1(x))))
@@ -105,8 +109,7 @@ class ResNetAP(nn.Module):
             raise ValueError(f"ResNetAP depth must be one of {sorted(RESNET_AP_BLOCKS)}, got {depth}")
         kernel, pool = (7, 4) if image_size > 128 else (3, 2) if image_size > 64 else (3, 1)
         self.stem = nn.Sequential(nn.Conv2d(3, width, kernel, padding=kernel // 2, bias=norm == "none"),
-                                  norm_layer(norm, width), nn.ReLU(inplace=True),
-                                  nn.AvgPool2d(pool) if pool > 1 else nn.Identity())
+                                  norm_layer(norm, width), nn.ReLU(inplace=True), average_pooling(pool))
         stages, channels = [], width
         for stage, blocks in enumerate(RESNET_AP_BLOCKS[depth]):
             out_channels = width * 2 ** stage

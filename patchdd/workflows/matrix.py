@@ -424,7 +424,7 @@ def matrix(
     devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
     cell_bases = [bases + [packaged_path(idc_config)] if cell.protocol == "idc" else bases for cell in cells]
     settings = [cell_overrides(cell, None if batch_size == "base" or cell.protocol == "idc" else batch_size,
-                               synthetic_dir, devices, idc_length(cell, synthetic_dir) | overrides)
+                               synthetic_dir, devices, idc_length(cell, synthetic_dir, overrides) | overrides)
                 for cell in cells]
     identities = [cell_identity(paths, values) for paths, values in zip(cell_bases, settings)]
     rows: list[dict | None] = [None] * len(cells)
@@ -510,10 +510,11 @@ def check_prerequisites(teachers: list[TeacherSpec], ipcs: list[int], selectors:
                                 + " (the toy configs read what `make demo` writes: run it first)")
 
 
-def idc_length(cell: Cell, synthetic_dir: str | None) -> dict:
+def idc_length(cell: Cell, synthetic_dir: str | None, overrides: dict) -> dict:
     """``trainer.max_epochs`` of an ``idc`` cell by IDC's rule (its IPC and the set's class count; empty for the
-    other protocols). The class count is read from the exported set; a store has none to read."""
-    if cell.protocol != "idc":
+    other protocols and when ``overrides`` set the epochs). The class count is read from the exported set; a store
+    has none to read."""
+    if cell.protocol != "idc" or "trainer.max_epochs" in overrides:
         return {}
     if synthetic_dir is None:
         raise ValueError("the idc protocol reads the class count from exported sets (synthetic_dir); with a store, "
