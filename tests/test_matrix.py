@@ -263,3 +263,14 @@ def test_idc_imagewoof_config_needs_no_teacher(tmp_path):
     with pytest.raises(ValueError, match="a teacher unless every protocol uses hard labels"):
         matrix(out=str(tmp_path), base=str(REPO / "configs/student/rded_defaults.yaml"), teachers=[],
                students=config.students, protocols=["soft_aug", "idc"])
+
+
+def test_woof_methods_config_judges_every_method_of_the_suite(tmp_path):
+    from patchdd.workflows.invoke import command_parser
+    from patchdd.workflows.matrix import matrix
+
+    parser = command_parser("matrix", matrix)
+    config = parser.instantiate_classes(parser.parse_args(["-c", str(REPO / "configs/matrix/woof_methods.yaml"),
+                                                           "--out", str(tmp_path)]))
+    assert config.protocols == ["soft_aug"] and config.ipcs == [10, 50, 100] and len(config.seeds) == 5
+    assert set(config.selectors) == {"diffusion", "rded", "random_real", "dit", "d3hr", "minimax", "memory", "d4m"}
