@@ -144,14 +144,10 @@ def main() -> None:
     }
     print("\n| pass | images/s | peak GPU memory (GiB) |\n|---|---|---|")
     for label, run in passes.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             rate = timed(run, args.batches, args.batch, device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        print(f"| {label} | {rate:,.1f} | {peak:.1f} |", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        print(f"| {label} | {rate:,.1f} | {peak_gib(device):.1f} |", flush=True)
     del generator, d3hr, inverter
     finetune_table(prior, transformer, args, device, dtype)
     img2img_table(args, device, dtype)
@@ -162,6 +158,7 @@ def peak_gib(device: torch.device) -> float:
 
 
 def reset_peak(device: torch.device) -> None:
+    """Free the cached blocks of the pass before and start the peak-memory count afresh."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -275,8 +275,9 @@ def demo(
              "--stats.dir", str(out_dir / "d3hr_stats"), "--trainer.default_root_dir", str(out_dir / "d3hr_stats"),
              "--trainer.enable_progress_bar", "false"]), logs / "d3hr_inversion.log", ledger)
     finetunes = {name: configs for name, configs in finetunes.items() if name in generators}
+    tuned_priors = {name: out_dir / "priors" / name for name in finetunes}
     for name, configs in finetunes.items():
-        tuned = out_dir / "priors" / name
+        tuned = tuned_priors[name]
         _stage(f"fine-tune ({name})", (tuned / "transformer").is_dir(), lambda c=configs, t=tuned: run_trainer_command(
             ["fit", *config_args(c), "--data.root", str(data_dir), "--model.pretrained", str(dit_dir),
              "--model.export_dir", str(t), "--trainer.default_root_dir", str(t.with_name(f"{t.name}_logs")),
@@ -285,8 +286,7 @@ def demo(
     for method, config in generators.items():
         done = all((syn_root / method / f"ipc{i}" / INFO_FILE).is_file() for i in ipcs)
         # D4M works with the SD-layout prior, a fine-tuned row with its own DiT
-        method_prior = prior_dir if method == "d4m" else out_dir / "priors" / method if method in finetunes \
-            else dit_dir
+        method_prior = prior_dir if method == "d4m" else tuned_priors.get(method, dit_dir)
         _stage(f"generate ({method})", done, lambda m=method, c=config, p=method_prior: run_function(
             "generate", generate, ["-c", c, "--prior", str(p), "--out", str(syn_root / m), "--data", str(data_dir),
                                    "--stats", str(out_dir / "d3hr_stats"), "--classes", data_classes,
