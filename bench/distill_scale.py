@@ -92,6 +92,7 @@ def write_store(directory: Path, classes: int, images: int, shard_rows: int) -> 
             boxes=np.stack([x0, y0, x0 + PATCH, y0 + PATCH], 1), scores=rng.standard_normal(len(rows)).astype(
                 np.float32), features=features,
             score_maps=[rng.standard_normal(MAP).astype(np.float32) for _ in rows]))
+    store.mark_complete()
     size = sum(p.stat().st_size for p in store.shard_paths())
     print(f"wrote {total:,} rows in {len(store.shard_paths()):,} shards, {size / 1e9:.2f} GB "
           f"({size / total:,.0f} bytes per row) in {time.perf_counter() - start:.0f} s", flush=True)

@@ -1,16 +1,34 @@
-"""Trainer plug-ins: the student protocol's validation schedule, and a CSV logger whose metrics survive a resume."""
+"""Trainer plug-ins: the student protocol's validation schedule, a CSV logger whose metrics survive a resume, and
+the stop of a predict pass on SIGTERM."""
 
 from __future__ import annotations
 
 import csv
+import signal
+import sys
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from patchdd.training.kd import rded_validates
+
+
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+
+
+def stop_if_terminated(trainer: L.Trainer, kept: str) -> None:
+    """After a predict batch is written: on SIGTERM (SLURM pre-emption; Lightning's predict loop does not stop by
+    itself) say so in one line and leave with exit code 143, ``kept`` (what was written) kept for the resume."""
+    if not trainer.received_sigterm:
+        return
+    if trainer.is_global_zero:
+        print(f"stopped by SIGTERM after the batch in hand; {kept} kept: the same command resumes", file=sys.stderr,
+              flush=True)
+    raise SIGTERMException(SIGTERM_EXIT_CODE)
 
 
 class RDEDValidationSchedule(Callback):

@@ -21,6 +21,8 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
+from patchdd.datamodules.callbacks import stop_if_terminated
+from patchdd.formats.outputs import writing
 from patchdd.generation.plan import WorkItem, collate_items
 
 # Lightning warns that it cannot set drop_last on a custom batch sampler; ours never drops anything.
@@ -65,8 +67,9 @@ def save_png_atomically(image: Image.Image, path: Path) -> None:
     """Write ``path`` through a temporary file and a rename: a reader never sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    with writing(path):
+        image.save(tmp)
+        os.replace(tmp, path)
 
 
 class SyntheticImageWriter(BasePredictionWriter):
@@ -86,6 +89,9 @@ class SyntheticImageWriter(BasePredictionWriter):
         self.directories = {ipc: Path(d) for ipc, d in directories.items()}
         self.output_size, self.resize_filter = output_size, resize_filter
 
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        stop_if_terminated(trainer, "the images written")  # SIGTERM between two batches: start no other
+
     def write_on_batch_end(self, trainer, pl_module, prediction: tuple[torch.Tensor, list[WorkItem]], batch_indices,
                            batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, items = prediction
@@ -94,3 +100,4 @@ class SyntheticImageWriter(BasePredictionWriter):
             if self.output_size is not None and picture.size != (self.output_size, self.output_size):
                 picture = picture.resize((self.output_size, self.output_size), RESIZE_FILTERS[self.resize_filter])
             save_png_atomically(picture, self.directories[item.ipc] / item.file)
+        stop_if_terminated(trainer, "the images written")

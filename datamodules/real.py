@@ -24,6 +24,7 @@ from patchdd.data.sources import (CLASS_MAPPING_FILE, IMAGENET_MEAN, IMAGENET_ST
                                   list_class_folders, scan_class_folders, scan_flat_folder, train_transform)
 from patchdd.data.subsets import resolve_classes
 from patchdd.errors import DataError
+from patchdd.datamodules.resumable import ResumableLoader
 
 
 def save_class_mapping(trainer, mapping: ClassMapping) -> None:
@@ -48,6 +49,8 @@ class RealDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: validation / test batch size (default ``batch_size``).
         num_workers: loader worker processes.
+        persistent_workers: keep the workers from one epoch to the next (faster epochs); off, a run cut mid-epoch
+            resumes exactly as an uncut run goes on (the workers' random streams start with each epoch).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class RealDataModule(L.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
+        persistent_workers: bool = True,
     ) -> None:
         super().__init__()
         self.image_size = image_size
@@ -68,7 +72,7 @@ class RealDataModule(L.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
+        self.num_workers, self.persistent_workers = num_workers, persistent_workers
         self._sources: dict[str, ImageSource] = {}
         self._skipped_reported = 0
 
@@ -113,13 +117,14 @@ class RealDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        """Training (``shuffle``): a :class:`ResumableLoader`, which a cut run resumes mid-epoch."""
+        return (ResumableLoader if shuffle else DataLoader)(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=collate_readable,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
         )
 

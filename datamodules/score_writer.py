@@ -17,8 +17,8 @@ from typing import ClassVar
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from patchdd.datamodules.callbacks import stop_if_terminated
 from patchdd.formats.latent_stats import ClassSums, LatentStatsStore
 from patchdd.formats.outputs import BackgroundWrites
 from patchdd.formats.score_store import PatchTable, ScoreStore
@@ -91,15 +91,22 @@ class StoreWriter(BasePredictionWriter):
             self.store = self.store_class.create_or_check(self.dir, self.manifest)
         return self.store
 
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.stop_if_terminated(trainer)  # SIGTERM between two batches: start no other
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
         if self.manifest is None:
             return
         self.add(prediction, trainer.global_rank)
-        if trainer.received_sigterm:  # Lightning's predict loop does not stop on SIGTERM by itself
+        self.stop_if_terminated(trainer)
+
+    def stop_if_terminated(self, trainer: L.Trainer) -> None:
+        """On SIGTERM (SLURM pre-emption): write what is buffered and stop, everything scored so far kept."""
+        if self.manifest is not None and trainer.received_sigterm:
             self.flush(trainer.global_rank)
             self.writes.drain()
-            raise SIGTERMException
+            stop_if_terminated(trainer, f"the {self.store_class.KIND}'s shards")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.manifest is not None:
@@ -108,6 +115,16 @@ class StoreWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.writes.drain()  # what was computed before the failure is kept
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """After a pass that ended without error (Lightning calls no teardown after one): every rank's shards are
+        written, so the store is marked complete. A cut pass leaves it unmarked: ``distill`` and ``generate``
+        refuse it until the same command has finished it."""
+        if stage != "predict" or self.manifest is None:
+            return
+        trainer.strategy.barrier("store-written")
+        if trainer.is_global_zero:
+            self.open_store().mark_complete()
 
     def add(self, prediction, rank: int) -> None:
         raise NotImplementedError

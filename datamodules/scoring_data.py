@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
-from patchdd.data.scoring_images import (ResizeGeometry, ScoringImages, ShardedBucketBatchSampler, collate_scoring,
+from patchdd.data.scoring_images import (SKIP_OPTION, ResizeGeometry, ScoringImages, ShardedBucketBatchSampler, collate_scoring,
                                          plan_resize, scan_sizes)
 from patchdd.data.sources import ClassMapping, ImageSource, data_fingerprint, seeded_subset
 from patchdd.datamodules.real import RealDataModule
@@ -98,13 +99,20 @@ class ScoringDataModule(L.LightningDataModule):
                 "max_images_per_class": self.max_images_per_class, "subset_seed": self.subset_seed}
 
     def describe(self) -> dict:
-        """How to reopen the scored images (the real data module's class_path + init_args, and the split) and the
-        data's fingerprint (root, per-class file lists and sizes), which a resumed store must match."""
+        """How to reopen the scored images (the real data module's class_path + init_args with its root made
+        absolute, and the split), the data's fingerprint (root, per-class file lists and sizes), which a resumed
+        store must match, and the images the pass plans per class (a store short of them is incomplete)."""
         folders = list(self.class_mapping.folders)
         init_args = init_args_of(self.data) | {"classes": folders}
+        if init_args.get("root") is not None:
+            init_args["root"] = str(Path(init_args["root"]).expanduser().resolve())
+        source = self.source
+        planned = seeded_subset(source.labels, self.max_images_per_class, self.subset_seed)
+        counts = Counter(source.labels[p] for p in planned)
         return {"class_path": f"{type(self.data).__module__}.{type(self.data).__qualname__}",
                 "init_args": init_args, "split": self.split,
-                "fingerprint": data_fingerprint(self.source, folders, getattr(self.data, "root", None))}
+                "fingerprint": data_fingerprint(source, folders, getattr(self.data, "root", None)),
+                "expected_counts": {folder: counts[label] for label, folder in enumerate(folders)}}
 
     def exclude(self, image_ids: set[str]) -> None:
         """Leave these images out (they are already in the store)."""
@@ -136,8 +144,8 @@ class ScoringDataModule(L.LightningDataModule):
         ids = self.source.ids
         unreadable = [ids[p] for p, size in zip(positions, sizes) if size is None]
         if unreadable and not self.skip_unreadable:
-            raise DataError(f"{len(unreadable)} unreadable image(s) in {self.split}: {unreadable[:5]} "
-                            "(set skip_unreadable to score the rest)")
+            raise DataError(f"{len(unreadable)} unreadable image(s) in {self.split}: {unreadable[:5]}: fix them or pass "
+                            f"{SKIP_OPTION}")
         if unreadable:
             warnings.warn(f"skipping {len(unreadable)} unreadable image(s): {unreadable[:5]}", stacklevel=2)
         kept = [(p, s) for p, s in zip(positions, sizes) if s is not None]

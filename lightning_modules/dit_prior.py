@@ -16,7 +16,7 @@ the prior is written to ``export_dir`` in ``DiTPipeline``'s layout with its ``cl
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -125,6 +125,8 @@ class DiTDiffusionPrior(PriorExport, L.LightningModule):
             raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
         if isinstance(memory, dict):  # from a checkpoint's hyper-parameters
             memory = MemoryOptions(**memory)
+        if memory is not None:  # a checkpoint holds plain values: it loads with weights_only
+            self.hparams["memory"] = asdict(memory)
         self.memory = memory
         if memory is not None and memory.evict_every not in ("step", "epoch"):
             raise ValueError(f"memory.evict_every must be step or epoch, got {memory.evict_every!r}")
@@ -210,7 +212,9 @@ class DiTDiffusionPrior(PriorExport, L.LightningModule):
         self.log("train/memory_loss", terms, batch_size=len(labels))
         return terms
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The step, then the EMA: both before any callback's batch end, so a checkpoint saved there holds them."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.trained_parameters())
 

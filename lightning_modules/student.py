@@ -15,7 +15,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from patchdd.data.sources import teacher_class_folders, teacher_output_positions
 from patchdd.errors import DataError

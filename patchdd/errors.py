@@ -26,6 +26,10 @@ class StoreMismatchError(StoreError):
     """A store written with other settings than the ones requested."""
 
 
+class IncompleteStoreError(StoreError):
+    """A store whose writing pass did not finish (cut, or changed since): using it needs ``allow_partial``."""
+
+
 class NotEnoughPatchesError(PatchDDError, ValueError):
     """A class holds fewer candidate patches (or images) than the synthetic set needs."""
 
@@ -54,7 +58,22 @@ def root_cause(message: str) -> str:
     return real[0] if real else message.splitlines()[0]
 
 
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def worker_cause(message: str) -> str:
+    """The error a DataLoader worker raised, without the worker's traceback that PyTorch puts before it ("Caught
+    DataError in DataLoader worker process 0. Original Traceback ...: patchdd.errors.DataError: unreadable ...").
+    Other messages pass."""
+    if WORKER_TRACEBACK not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    kind, separator, text = last.partition(": ")
+    return text if separator and kind.replace(".", "").replace("_", "").isalnum() else last
+
+
 def one_line(err: BaseException) -> str:
-    """``Type: message`` on one line: a union failure unwrapped to its cause, a multi-line message joined by ``; ``."""
-    lines = [line.strip() for line in root_cause(str(err)).splitlines() if line.strip()]
+    """``Type: message`` on one line: a union failure unwrapped to its cause, a DataLoader worker's error to its own
+    message, a multi-line message joined by ``; ``."""
+    lines = [line.strip() for line in worker_cause(root_cause(str(err))).splitlines() if line.strip()]
     return f"{type(err).__name__}: {'; '.join(lines)}" if lines else type(err).__name__

@@ -71,6 +71,7 @@ def write_store(directory: Path, root: Path, rows: list[dict], folders: list[str
         scores=np.array([r["score"] for r in rows], np.float32),
         features=np.array([r["feature"] for r in rows], np.float32),
     ))
+    store.mark_complete()  # as a finished scoring pass does
     return store
 
 

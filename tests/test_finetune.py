@@ -180,3 +180,51 @@ def test_difffit_memory_finetune_exports_a_plain_dit_with_the_ema_weights(toy_ro
     with torch.no_grad(), module.ema.swapped(module.trained_parameters()):
         expected = module.transformer(z.repeat(1, 1, 2, 2), t, y).sample
     assert torch.allclose(tuned.transformer(z.repeat(1, 1, 2, 2), t, y).sample, expected, atol=1e-5)
+
+
+class CrashAtStep(L.Callback):
+    """A crash (kill -9 in effect: nothing after it is saved) once ``step`` optimizer steps are checkpointed."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_memory_finetune_cut_mid_epoch_resumes_exactly(toy_root, tmp_path, num_workers):
+    """Shuffle order, worker augmentations, noise, label dropout, optimiser, EMA and banks all continue as in the
+    uncut run: the resumed weights are bit-identical."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from patchdd.datamodules.real import ImageFolderDataModule
+    from patchdd.lightning_modules.dit_prior import DiTDiffusionPrior, MemoryOptions
+
+    folders = sorted(p.name for p in (toy_root / "train").iterdir())
+    source = save_tiny_dit(tmp_path / "source", folders, sample_size=16, learn_sigma=False)
+
+    def fit(run: str, crash: int | None = None, resume: bool = False) -> DiTDiffusionPrior:
+        L.seed_everything(0)
+        module = DiTDiffusionPrior(pretrained=str(source), finetune="difffit", gamma_blocks=1, ema_decay=0.9,
+                                   memory=MemoryOptions(real_capacity=3, gen_capacity=3), latent_mode="sample",
+                                   warmup_steps=2, decay_fraction=0.3)
+        data = ImageFolderDataModule(str(toy_root), image_size=64, eval_resize=64, batch_size=5,
+                                     num_workers=num_workers, persistent_workers=False)  # 5 batches an epoch
+        callbacks = [ModelCheckpoint(tmp_path / run, every_n_train_steps=1, save_last=True)]
+        trainer = L.Trainer(max_steps=9, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                            callbacks=callbacks + ([CrashAtStep(crash)] if crash else []))
+        trainer.fit(module, data, ckpt_path=str(tmp_path / run / "last.ckpt") if resume else None)
+        return module
+
+    whole = fit("whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit("cut", crash=7)  # in the second epoch, two batches into it
+    resumed = fit("cut", resume=True)
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    for bank_a, bank_b in zip(whole.banks, resumed.banks):
+        assert all(torch.equal(bank_a.get(c), bank_b.get(c)) for c in bank_a.banks)
+    assert all(torch.equal(a, b) for a, b in zip(whole.ema.state().values(), resumed.ema.state().values()))

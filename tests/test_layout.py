@@ -112,10 +112,10 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_lightning_folders_hold_lightning_classes_only() -> None:
     """lightning_modules/ holds LightningModules (and their mixins), datamodules/ data modules, callbacks and
-    their datasets and samplers (a class may also derive from one of these defined above it in its file)."""
+    their datasets, samplers and loaders (a class may also derive from one of these defined above it in its file)."""
     for folder, allowed in (("lightning_modules", {"L.LightningModule", "RealValidation"}),
                             ("datamodules", {"L.LightningDataModule", "RealDataModule", "Callback",
-                                             "BasePredictionWriter", "Dataset", "Sampler", "CSVLogger",
+                                             "BasePredictionWriter", "Dataset", "Sampler", "DataLoader", "CSVLogger",
                                              "ExperimentWriter"})):
         for path in (REPO / folder).glob("*.py"):
             bases = set(allowed)
@@ -128,7 +128,7 @@ def test_lightning_folders_hold_lightning_classes_only() -> None:
 
 def test_public_api_resolves_every_name() -> None:
     code = "import patchdd; missing = [n for n in patchdd.__all__ if getattr(patchdd, n, None) is None]; print(missing)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -140,7 +140,7 @@ def test_help_imports_neither_torch_nor_lightning(command) -> None:
              f"runpy.run_path({command[-2]!r}, run_name='__main__') if {command[0]!r} != '-m' else "
              "runpy.run_module('patchdd', run_name='__main__'); "
              "print('torch' in sys.modules, 'lightning' in sys.modules, file=sys.stderr)")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "distill" in result.stdout and "--traceback" in result.stdout
     assert result.stderr.strip().splitlines()[-1] == "False False"
@@ -177,7 +177,7 @@ def test_the_wheel_installs_only_patchdd_with_configs_assets_and_a_script(tmp_pa
     import zipfile
 
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path)], check=True, capture_output=True, timeout=600, cwd=tmp_path)
+                    "-w", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = tmp_path.glob("patchdd-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"patchdd", wheel.name.split("-py3")[0] + ".dist-info"}

@@ -62,7 +62,7 @@ def matrix_config(tmp_path: Path, base: Path, epochs: int = 1) -> Path:
 def run_matrix(config: Path, out: Path, launcher: str, returncode: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(REPO / "cli.py"), "matrix", "-c", str(config), "--out", str(out),
                              "--launcher", launcher],
-                            capture_output=True, text=True, cwd=REPO, timeout=600)
+                            capture_output=True, text=True, cwd=REPO)
     assert result.returncode == returncode, result.stdout + result.stderr
     return result
 

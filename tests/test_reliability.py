@@ -213,7 +213,7 @@ def test_two_runs_into_one_output_do_not_interleave(small_store, tmp_path) -> No
     assert (tmp_path / "out" / "ipc2" / "synthetic.json").is_file()
 
 
-def test_boxes_outside_a_resized_copy_are_an_error_naming_the_image(small_store, tmp_path) -> None:
+def test_a_resized_copy_is_an_error_naming_the_image(small_store, tmp_path) -> None:
     images, store = small_store
     resized = tmp_path / "resized"
     for path in images.rglob("*.png"):
@@ -221,7 +221,7 @@ def test_boxes_outside_a_resized_copy_are_an_error_naming_the_image(small_store,
         target.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(path) as image:
             image.resize((image.width // 2, image.height // 2)).save(target)
-    with pytest.raises(DataError, match=r"lies outside image 'cls_a/img_\d+\.png' \(24x20\)"):
+    with pytest.raises(DataError, match=r"image 'cls_a/img_\d+\.png' is 24x20, the store scored it at 48x40"):
         distill_small(store, tmp_path / "out", images_root=str(resized))
 
 

@@ -340,7 +340,7 @@ def test_cifar_presets_stack_into_rdeds_cifar100_special_case():
     configs = [REPO / "configs/student" / name for name in
                ("rded_defaults.yaml", "cifar10_convnet.yaml", "cifar100_convnet.yaml")]
     result = subprocess.run([sys.executable, "-m", "patchdd", "fit", *[a for p in configs for a in ("-c", str(p))],
-                             "--print_config"], capture_output=True, text=True, cwd=REPO, timeout=300)
+                             "--print_config"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     model, data = config["model"]["init_args"], config["data"]["init_args"]

@@ -38,7 +38,7 @@ def test_missing_root_exits_non_zero_naming_the_path(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "cli.py", "fit", "-c", CONFIG, "--data.root", str(missing),
          "--trainer.default_root_dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True,
     )
     assert result.returncode == 1
     assert f"patchdd fit: error: DataError: data root does not exist: {missing}" in result.stderr

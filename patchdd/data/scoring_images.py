@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,17 @@ from patchdd.data.sources import ImageSource
 from patchdd.errors import DataError
 
 READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+SKIP_OPTION = "--data.skip_unreadable true"
+
+
+def read_error_reason(err: BaseException, name: str) -> str:
+    """A few words on why an image could not be read: ``truncated JPEG``, ``not an image``, or the error."""
+    if "truncated" in str(err).lower():
+        suffix = Path(name).suffix.lower().lstrip(".")
+        return f"truncated {'JPEG' if suffix in ('jpg', 'jpeg') else suffix.upper() or 'image'}"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image Pillow can read"
+    return f"{type(err).__name__}: {err}"
 
 
 class ResizeGeometry(NamedTuple):
@@ -79,13 +91,15 @@ def resize_for_scoring(image: Image.Image, geometry: ResizeGeometry) -> torch.Te
 
 @dataclass
 class ScoringBatch:
-    """Images of one bucket shape (uint8), their originals (uint8, any size), labels, ids and geometry."""
+    """Images of one bucket shape (uint8), their originals (uint8, any size), labels, ids, geometry and the
+    originals' file sizes in bytes (-1: not a file)."""
 
     images: torch.Tensor
     originals: list[torch.Tensor]
     labels: torch.Tensor
     image_ids: list[str]
     geometry: list[ResizeGeometry]
+    file_bytes: list[int] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -93,7 +107,7 @@ class ScoringBatch:
 
     def pin_memory(self) -> "ScoringBatch":
         return ScoringBatch(self.images.pin_memory(), [o.pin_memory() for o in self.originals],
-                            self.labels.pin_memory(), self.image_ids, self.geometry, self.skipped)
+                            self.labels.pin_memory(), self.image_ids, self.geometry, self.file_bytes, self.skipped)
 
 
 class ScoringImages(Dataset):
@@ -112,16 +126,19 @@ class ScoringImages(Dataset):
         position, geometry = self.positions[j], self.geometry[j]
         image_id = self.ids[position]
         try:
+            file_bytes = self.source.file_bytes(position)
             image = self.source.load(position)
         except READ_ERRORS as err:
             if not self.skip_unreadable:
-                raise DataError(f"unreadable image {image_id}: {err} (set skip_unreadable to score the rest)") from err
+                path = self.source.path(position) if hasattr(self.source, "path") else image_id
+                raise DataError(f"unreadable image {path} ({read_error_reason(err, image_id)}): fix it or pass "
+                                f"{SKIP_OPTION}") from None
             warnings.warn(f"skipping unreadable image {image_id}: {err}", stacklevel=2)
             return image_id
         if image.size != (geometry.width, geometry.height):
             raise DataError(f"image {image_id} changed size since it was scanned: {image.size}")
         return (resize_for_scoring(image, geometry), TF.pil_to_tensor(image), self.source.labels[position],
-                image_id, geometry)
+                image_id, geometry, file_bytes)
 
 
 def collate_scoring(items: list) -> ScoringBatch:
@@ -130,10 +147,10 @@ def collate_scoring(items: list) -> ScoringBatch:
     skipped = [item for item in items if isinstance(item, str)]
     if not readable:
         return ScoringBatch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), [], torch.empty(0, dtype=torch.long), [],
-                            [], skipped)
-    images, originals, labels, ids, geometry = zip(*readable)
+                            [], [], skipped)
+    images, originals, labels, ids, geometry, file_bytes = zip(*readable)
     return ScoringBatch(torch.stack(images), list(originals), torch.tensor(labels, dtype=torch.long), list(ids),
-                        list(geometry), skipped)
+                        list(geometry), list(file_bytes), skipped)
 
 
 def bucket_batches(shapes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:

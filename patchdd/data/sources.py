@@ -89,6 +89,8 @@ class ImageSource(Protocol):
 
     def identity(self, i: int) -> str: ...
 
+    def file_bytes(self, i: int) -> int: ...
+
 
 # Pillow's modes of high-bit-depth greyscale images (16-bit PNG / TIFF); convert("RGB") clips them to white.
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -123,7 +125,11 @@ class FileImageSource:
 
     def identity(self, i: int) -> str:
         """What makes image ``i`` this image, for the data fingerprint: its relative path and file size."""
-        return f"{self.ids[i]}\t{self.path(i).stat().st_size}"
+        return f"{self.ids[i]}\t{self.file_bytes(i)}"
+
+    def file_bytes(self, i: int) -> int:
+        """The size of image ``i``'s file in bytes."""
+        return self.path(i).stat().st_size
 
 
 @dataclass
@@ -147,6 +153,10 @@ class ArrayImageSource:
     def identity(self, i: int) -> str:
         """What makes image ``i`` this image, for the data fingerprint: its id and a checksum of its pixels."""
         return f"{self.ids[i]}\t{zlib.crc32(self.array[i].tobytes())}"
+
+    def file_bytes(self, i: int) -> int:
+        """-1: the image is no file of its own."""
+        return -1
 
 
 class ImageBatch(NamedTuple):

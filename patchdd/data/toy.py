@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from patchdd.formats.outputs import atomic_directory
+
 Point = tuple[float, float]
 BOXES_FILE = "boxes.json"
 SPLITS = {"train": 0, "val": 1}
@@ -120,17 +122,42 @@ def write_toy_dataset(
     val_per_class: int = 20,
     object_scale: tuple[float, float] = (0.22, 0.32),
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Write the embedded toy dataset (shapes on clutter, with ground-truth boxes) as an ImageFolder.
 
     Layout: ``out/train/<shape>/00000.png``, ``out/val/<shape>/...`` and ``out/boxes.json`` mapping
-    ``"train/<shape>/00000.png"`` to ``[x0, y0, x1, y1]``.
+    ``"train/<shape>/00000.png"`` to ``[x0, y0, x1, y1]``. The folder is built beside ``out`` and renamed into
+    place when complete: a cut run leaves no half-written dataset, and a non-empty ``out`` is never mixed into.
+
+    Args:
+        out: the dataset folder (must not exist or be empty, unless ``overwrite``).
+        num_classes: shape classes (at most the number of shapes).
+        image_size: side of every image in pixels.
+        train_per_class: training images per class.
+        val_per_class: validation images per class.
+        object_scale: range of the object's size as a fraction of the image side.
+        seed: seed of every image.
+        overwrite: replace a non-empty ``out`` whole.
     """
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be between 1 and {len(SHAPES)}, got {num_classes}")
-    root = Path(out)
+    if min(image_size, train_per_class, val_per_class) < 1:
+        raise ValueError("image_size, train_per_class and val_per_class must be at least 1")
+    target = Path(out)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} is not empty; choose another --out or pass --overwrite true to replace it")
+    with atomic_directory(target) as root:
+        boxes = _write_images(root, num_classes, image_size, {"train": train_per_class, "val": val_per_class},
+                              object_scale, seed)
+    print(f"wrote {len(boxes)} toy images ({num_classes} classes) to {target}")
+    return target
+
+
+def _write_images(root: Path, num_classes: int, image_size: int, counts: dict[str, int],
+                  object_scale: tuple[float, float], seed: int) -> dict[str, list[int]]:
+    """Every split's images and ``boxes.json`` into ``root``; returns the boxes."""
     boxes: dict[str, list[int]] = {}
-    counts = {"train": train_per_class, "val": val_per_class}
     for split, count in counts.items():
         for class_id, shape in enumerate(list(SHAPES)[:num_classes]):
             folder = root / split / shape
@@ -143,8 +170,7 @@ def write_toy_dataset(
                 image.save(root / name)
                 boxes[name] = box
     (root / BOXES_FILE).write_text(json.dumps(boxes, indent=0))
-    print(f"wrote {sum(counts.values()) * num_classes} toy images ({num_classes} classes) to {root}")
-    return root
+    return boxes
 
 
 def load_boxes(root: str | Path) -> dict[str, list[int]]:

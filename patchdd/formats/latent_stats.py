@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from patchdd.errors import DataError, StoreError
+from patchdd.formats.outputs import honour_umask, writing
 from patchdd.formats.stores import ManifestStore
 
 SHARD_SUFFIX = ".safetensors"
@@ -83,18 +84,21 @@ class LatentStatsStore(ManifestStore):
     """A latent statistics store directory: manifest, per-rank shards of :class:`ClassSums`."""
 
     FORMAT_NAME, FORMAT_VERSION, KIND = "patchdd-latent-stats", 1, "latent statistics store"
+    SHARD_SUFFIX = SHARD_SUFFIX
 
     def append(self, sums: ClassSums, image_ids: list[str], rank: int = 0) -> None:
         """Write one shard atomically (a crash leaves no partial shard)."""
-        path = self.new_shard_path(rank, SHARD_SUFFIX)
+        path = self.new_shard_path(rank)
         tmp = path.with_suffix(".tmp")
-        save_file({"labels": sums.labels, "count": sums.count, "total": sums.total.contiguous(),
-                   "squares": sums.squares.contiguous()}, str(tmp), metadata={"image_ids": json.dumps(image_ids)})
-        os.replace(tmp, path)
+        with writing(path):
+            save_file({"labels": sums.labels, "count": sums.count, "total": sums.total.contiguous(),
+                       "squares": sums.squares.contiguous()}, str(tmp), metadata={"image_ids": json.dumps(image_ids)})
+            honour_umask(tmp)
+            os.replace(tmp, path)
 
     def shard_image_ids(self) -> list[list[str]]:
         ids = []
-        for path in self.shard_paths(SHARD_SUFFIX):
+        for path in self.shard_paths():
             with safe_open(str(path), "pt") as shard:
                 ids.append(json.loads(shard.metadata()["image_ids"]))
         return ids
@@ -109,6 +113,12 @@ class LatentStatsStore(ManifestStore):
         if len(ids) != len(set(ids)):
             raise StoreError(f"{self.directory} sums some images twice; delete the store and invert again")
         merged = ClassSums.empty()
-        for path in self.shard_paths(SHARD_SUFFIX):
+        for path in self.shard_paths():
             merged = merged + ClassSums(**load_file(str(path)))
         return merged
+
+    def stored_counts(self) -> dict[str, int]:
+        """Images summed per class folder."""
+        folders = self.manifest.classes["folders"]
+        sums = self.sums()
+        return {folders[int(label)]: int(count) for label, count in zip(sums.labels, sums.count)}

@@ -5,6 +5,7 @@ can run on background threads (:class:`BackgroundWrites`)."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 import uuid
@@ -21,6 +22,32 @@ LOCK_FILE = ".patchdd.lock"
 
 class OutputBusyError(PatchDDError, RuntimeError):
     """Another run holds the lock on this output."""
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Inside, an ``OSError`` that names no file (a full disk: ``[Errno 28] No space left on device``, as Arrow and
+    safetensors raise it) is raised again naming ``path``, so that the console says where the write failed."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+
+@functools.cache
+def current_umask() -> int:
+    """The process's umask, read once (by setting it and putting it back: not while other threads create files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give ``path`` the permissions a new file gets from the umask (rw for everyone the umask allows), for files
+    that a library creates private (safetensors writes 0600): a shared store stays readable by others."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 @contextmanager

@@ -11,6 +11,8 @@ Row columns (Parquet, readable with ``pyarrow.parquet.read_table`` alone):
     image_id   string   id of the image in its split (path relative to the split folder, or "cifar10/train/7")
     label      int32    class index in the manifest's class mapping
     width, height int32 original image size in pixels
+    file_bytes int64   size of the original image file in bytes (-1: not a file, e.g. a CIFAR array); ``distill``
+                       checks it and the pixel size of every image it opens, so a replaced image is never cut
     patch      int16    rank of the patch inside its image (0 = best)
     box        int32[4] x0, y0, x1, y1 of the patch in ORIGINAL image pixels (x1, y1 exclusive)
     score      float32  pooled score of the patch; score = -R(p|c): HIGHER = more class-relevant
@@ -24,7 +26,6 @@ error (:class:`StoreMismatchError`), never a silent mix.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +37,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from patchdd.errors import StoreError
+from patchdd.formats.outputs import writing
 from patchdd.formats.stores import MANIFEST_FILE, Manifest, ManifestStore  # noqa: F401 (Manifest, MANIFEST_FILE re-exported)
 
 FORMAT_NAME = "patchdd-score-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: file_bytes per row, a completion record
 INDEX_DIR = "index"  # the cached row index of Stage II (rows-<content hash>.parquet)
 
 SCHEMA = pa.schema([
@@ -47,6 +50,7 @@ SCHEMA = pa.schema([
     ("label", pa.int32()),
     ("width", pa.int32()),
     ("height", pa.int32()),
+    ("file_bytes", pa.int64()),
     ("patch", pa.int16()),
     ("box", pa.list_(pa.int32(), 4)),
     ("score", pa.float32()),
@@ -71,6 +75,11 @@ class PatchTable:
     scores: np.ndarray  # (N,) float32, higher = more class-relevant
     features: np.ndarray  # (N, D) float32
     score_maps: list[np.ndarray] = field(default_factory=list)  # N maps (h, w) float32, empty if not loaded
+    file_bytes: np.ndarray | None = None  # (N,) int64: the original file's size (-1 or None: not recorded)
+
+    def __post_init__(self) -> None:
+        if self.file_bytes is None:
+            self.file_bytes = np.full(len(self.image_ids), -1, np.int64)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -81,7 +90,7 @@ class PatchTable:
         maps = [self.score_maps[i] for i in rows] if self.score_maps else []
         return PatchTable(
             self.image_ids[rows], self.labels[rows], self.sizes[rows], self.patch_index[rows],
-            self.boxes[rows], self.scores[rows], self.features[rows], maps,
+            self.boxes[rows], self.scores[rows], self.features[rows], maps, self.file_bytes[rows],
         )
 
     def to_arrow(self) -> pa.Table:
@@ -97,6 +106,7 @@ class PatchTable:
             "label": pa.array(self.labels, pa.int32()),
             "width": pa.array(self.sizes[:, 0], pa.int32()),
             "height": pa.array(self.sizes[:, 1], pa.int32()),
+            "file_bytes": pa.array(np.asarray(self.file_bytes, np.int64), pa.int64()),
             "patch": pa.array(self.patch_index, pa.int16()),
             "box": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(self.boxes, np.int32).ravel()), 4),
             "score": pa.array(self.scores, pa.float32()),
@@ -125,6 +135,7 @@ class PatchTable:
             scores=table.column("score").to_numpy().astype(np.float32),
             features=features,
             score_maps=maps,
+            file_bytes=table.column("file_bytes").to_numpy().astype(np.int64),
         )
 
     @classmethod
@@ -162,8 +173,9 @@ class ScoreStore(ManifestStore):
         """Write ``rows`` as a new shard of ``rank``, atomically (a crash leaves no partial shard)."""
         path = self.new_shard_path(rank)
         tmp = path.with_suffix(".tmp")
-        pq.write_table(rows.to_arrow(), tmp, use_dictionary=False)  # ids and floats: dictionaries only cost time
-        os.replace(tmp, path)
+        with writing(path):
+            pq.write_table(rows.to_arrow(), tmp, use_dictionary=False)  # ids and floats: dictionaries only cost time
+            os.replace(tmp, path)
         return path
 
     def read_arrow(self, columns: list[str] | None = None) -> pa.Table:
@@ -175,21 +187,26 @@ class ScoreStore(ManifestStore):
         table = unique_sorted_rows(read_shards(paths, needed))
         return table.drop_columns(["shard", "shard_row"]).select(columns or SCHEMA.names)
 
-    def row_index(self, content_hash: str | None = None) -> pa.Table:
+    def row_index(self, content_hash: str | None = None, cache_dir: str | Path | None = None) -> pa.Table:
         """The metadata of every row (``INDEX_COLUMNS``) with the shard and the row in it that holds the rest,
-        sorted like :meth:`read_arrow`. Built once per store content and cached in ``index/`` (Stage II reads the
-        store's 20,000 shards once, not on every distillation); ``content_hash``: the store's, when the caller has
-        it already (it takes a stat of every shard)."""
+        sorted like :meth:`read_arrow`. Built once per store content and cached in ``index/`` of the store, or of
+        ``cache_dir`` (a read-only store), so that Stage II reads the store's 20,000 shards once, not on every
+        distillation; ``content_hash``: the store's, when the caller has it already (it takes a stat of every
+        shard)."""
         paths = self.shard_paths()
-        cached = self.directory / INDEX_DIR / f"rows-{content_hash or self.content_hash()}.parquet"
+        cached = Path(cache_dir or self.directory) / INDEX_DIR / f"rows-{content_hash or self.content_hash()}.parquet"
         if cached.is_file():
             return pq.read_table(cached)
         if not paths:
             return with_position(SCHEMA.empty_table().select(INDEX_COLUMNS), 0)
         table = unique_sorted_rows(read_shards(paths, INDEX_COLUMNS))
-        cached.parent.mkdir(exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex[:8]}.tmp")
-        pq.write_table(table, tmp)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, tmp)
+        except OSError as err:
+            raise StoreError(f"cannot write the score store's row index into {cached.parent} ({err.strerror or err}); "
+                             "pass --synthesis.cache_dir DIR, a writable folder for the index and the clusters") from err
         os.replace(tmp, cached)
         for stale in cached.parent.glob("rows-*.parquet"):
             if stale != cached:
@@ -218,18 +235,17 @@ class ScoreStore(ManifestStore):
         """Ids of the images that already have rows (used to resume an interrupted pass)."""
         return set(self.read_arrow(["image_id"]).column("image_id").to_pylist())
 
-    def content_hash(self) -> str:
-        """A hash of the manifest and the shard names and sizes: changes whenever the store's content does."""
-        import hashlib
-
-        digest = hashlib.sha256(json.dumps(self.manifest_json(self.manifest), sort_keys=True).encode())
-        for p in self.shard_paths():
-            digest.update(f"{p.name}:{p.stat().st_size}".encode())
-        return digest.hexdigest()[:16]
+    def stored_counts(self) -> dict[str, int]:
+        """Images scored per class folder."""
+        table = self.read_arrow(["image_id", "label"])
+        _, first = np.unique(table.column("image_id").to_numpy(zero_copy_only=False), return_index=True)
+        labels = table.column("label").to_numpy()[first]
+        folders = self.manifest.classes["folders"]
+        return {folders[label]: int(count) for label, count in zip(*np.unique(labels, return_counts=True))}
 
 
 KEY_COLUMNS = ("image_id", "patch", "label")
-INDEX_COLUMNS = ["image_id", "label", "width", "height", "patch", "box", "score"]
+INDEX_COLUMNS = ["image_id", "label", "width", "height", "file_bytes", "patch", "box", "score"]
 READ_THREADS = 8
 
 

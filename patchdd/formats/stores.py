@@ -7,6 +7,7 @@ classes and data of the run that wants to add to it or read it (:class:`StoreMis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -14,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from patchdd.errors import StoreError, StoreMismatchError
+from patchdd.errors import IncompleteStoreError, StoreError, StoreMismatchError
+from patchdd.formats.outputs import writing
 
 MANIFEST_FILE = "manifest.json"
 SHARD_DIR = "shards"
+COMPLETE_FILE = "complete.json"  # written when a pass over the data finished: the store's content hash then
 
 
 @dataclass
@@ -74,11 +77,12 @@ class ManifestStore:
     FORMAT_NAME: ClassVar[str] = ""
     FORMAT_VERSION: ClassVar[int] = 1
     KIND: ClassVar[str] = "store"
+    SHARD_SUFFIX: ClassVar[str] = ".parquet"
 
     def __init__(self, directory: str | Path, manifest: Manifest) -> None:
         self.directory = Path(directory)
         self.manifest = manifest
-        self._shard_counts: dict[tuple[int, str], int] = {}
+        self._shard_counts: dict[int, int] = {}
 
     @classmethod
     def open(cls, directory: str | Path) -> "ManifestStore":
@@ -130,23 +134,68 @@ class ManifestStore:
             raise StoreMismatchError(f"{self.KIND} {self.directory} was written with other settings:\n  "
                                      + "\n  ".join(diff))
 
-    def shard_paths(self, suffix: str = ".parquet") -> list[Path]:
-        return sorted((self.directory / SHARD_DIR).glob(f"*{suffix}"))
+    def shard_paths(self) -> list[Path]:
+        return sorted((self.directory / SHARD_DIR).glob(f"*{self.SHARD_SUFFIX}"))
 
-    def new_shard_path(self, rank: int, suffix: str = ".parquet") -> Path:
+    def content_hash(self) -> str:
+        """A hash of the manifest and the shard names and sizes: changes whenever the store's content does."""
+        digest = hashlib.sha256(json.dumps(self.manifest_json(self.manifest), sort_keys=True).encode())
+        for p in self.shard_paths():
+            digest.update(f"{p.name}:{p.stat().st_size}".encode())
+        return digest.hexdigest()[:16]
+
+    def stored_counts(self) -> dict[str, int]:
+        """Images held per class folder."""
+        raise NotImplementedError
+
+    def mark_complete(self) -> None:
+        """Record that a pass over the data finished with the store as it is now (its content hash)."""
+        atomic_write_text(self.directory / COMPLETE_FILE, json.dumps({"content_hash": self.content_hash()}))
+
+    def is_complete(self) -> bool:
+        """Whether a pass finished and nothing was added or removed since (a cut pass never marks its store)."""
+        try:
+            record = json.loads((self.directory / COMPLETE_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(record, dict) and record.get("content_hash") == self.content_hash()
+
+    def missing_images(self) -> dict[str, tuple[int, int]]:
+        """``{class folder: (images held, images the pass planned)}`` of the classes short of their plan."""
+        expected = self.manifest.data.get("expected_counts") or {}
+        held = self.stored_counts()
+        return {folder: (held.get(folder, 0), count) for folder, count in expected.items()
+                if held.get(folder, 0) < count}
+
+    def require_complete(self, allow_partial: bool = False) -> bool:
+        """Whether the store is complete; an incomplete one raises :class:`IncompleteStoreError` naming the
+        classes and counts missing, unless ``allow_partial`` (then the caller records that it used a partial
+        store)."""
+        if self.is_complete():
+            return True
+        if allow_partial:
+            return False
+        missing = self.missing_images()
+        listed = ", ".join(f"{folder} ({held} of {planned})" for folder, (held, planned) in list(missing.items())[:8])
+        detail = (f"{len(missing)} class(es) short of their planned images: {listed}" if missing else
+                  "no finished pass is recorded (cut before its end, changed since, or written by an older release)")
+        raise IncompleteStoreError(f"the {self.KIND} {self.directory} is incomplete: {detail}. Rerun the command that "
+                                   "writes it (it resumes), or pass --allow_partial true to use it as it is")
+
+    def new_shard_path(self, rank: int) -> Path:
         """A fresh shard name of ``rank``: its count of shards so far (the folder is listed once per store object,
         then counted in memory: O(1) per shard) and a random tag, so names never collide."""
-        shard_dir = self.directory / SHARD_DIR
-        key = (rank, suffix)
-        if key not in self._shard_counts:
+        shard_dir, suffix = self.directory / SHARD_DIR, self.SHARD_SUFFIX
+        if rank not in self._shard_counts:
             shard_dir.mkdir(exist_ok=True)
-            self._shard_counts[key] = len(list(shard_dir.glob(f"rank{rank}-*{suffix}")))
-        seq = self._shard_counts[key]
-        self._shard_counts[key] = seq + 1
+            self._shard_counts[rank] = len(list(shard_dir.glob(f"rank{rank}-*{suffix}")))
+        seq = self._shard_counts[rank]
+        self._shard_counts[rank] = seq + 1
         return shard_dir / f"rank{rank}-{seq:06d}-{uuid.uuid4().hex[:8]}{suffix}"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # unique: ranks may write at once
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(path):
+        tmp.write_text(text)
+        os.replace(tmp, path)

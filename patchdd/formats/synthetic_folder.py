@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from patchdd.data.sources import ClassMapping, list_class_folders, open_rgb, scan_class_folders
 from patchdd.errors import DataError
-from patchdd.formats.outputs import BackgroundWrites
+from patchdd.formats.outputs import BackgroundWrites, writing
 from patchdd.formats.synthetic_set import SyntheticSet
 from patchdd.methods.selection import Picks
 
@@ -124,7 +124,8 @@ class SyntheticFolderWriter:
 
 def save_png(image: torch.Tensor, path: Path) -> None:
     """A uint8 (3, H, W) image as a PNG."""
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    with writing(path):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
 
 
 def save_contact_sheet(images: torch.Tensor, title: str, path: Path) -> None:

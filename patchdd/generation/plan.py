@@ -16,7 +16,7 @@ import torch
 from patchdd.data.sources import ClassMapping
 from patchdd.formats.latent_stats import ClassSums
 from patchdd.formats.synthetic_folder import image_name
-from patchdd.generation.group_sampling import derive_seed, group_sample
+from patchdd.generation.group_sampling import derive_seed, group_sample, group_sampling_bytes
 
 
 @dataclass
@@ -52,6 +52,8 @@ class D3HROptions:
         score_variant: ``paper`` (per-dimension skewness, weights 1, 1, 0.5) or ``d3hr_code`` (1, 1, 0.1).
         weights: override of the (mean, std, skewness) weights.
         device: where candidates are drawn and scored (``auto``: the GPU when there is one).
+        memory_limit_gb: the most memory group sampling may take at once; an IPC whose candidate batch needs more
+            is refused before any work, with the figure (lower ``block_size`` or ``blocks_per_batch``).
     """
 
     timestep: int = 600
@@ -62,6 +64,17 @@ class D3HROptions:
     score_variant: str = "paper"
     weights: tuple[float, float, float] | None = None
     device: str = "auto"
+    memory_limit_gb: float = 16.0
+
+    def check_memory(self, ipc: int, dims: int) -> None:
+        """Refuse, before any work, an IPC whose candidate batch would need more than ``memory_limit_gb``."""
+        needed = group_sampling_bytes(ipc, dims, self.block_size, self.blocks_per_batch) / 2**30
+        if needed > self.memory_limit_gb:
+            raise ValueError(
+                f"D3HR's group sampling at IPC {ipc} needs about {needed:,.1f} GiB at once ({self.blocks_per_batch} "
+                f"block(s) of {self.block_size} groups x {ipc} latents x {dims} dims), over --d3hr.memory_limit_gb "
+                f"{self.memory_limit_gb:g}; lower --d3hr.block_size or --d3hr.blocks_per_batch (the groups drawn depend "
+                "on block_size), or raise the limit")
 
 
 @dataclass

@@ -3,14 +3,16 @@
 IPC <= ``compose_max_ipc`` (10): every image is ``grid x grid`` (2 x 2) patches, each resized to
 ``output_size // grid`` and tiled row-major (RDED's layout). Larger IPC: one patch per image at
 ``output_size``. Crops are taken from the original image files at the stored boxes (PIL crop + antialiased
-bicubic resize); nothing passes through the VAE.
+bicubic resize); nothing passes through the VAE. Every image opened is first checked to be the one that was scored
+(its file size in bytes and its pixel size, as the store recorded them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -67,40 +69,68 @@ def tile_images(tiles: np.ndarray, grid: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.reshape(count, 3, grid * t, grid * t)))
 
 
+class ImageRecord(NamedTuple):
+    """What a store recorded of an original image: its file size (-1: not recorded) and pixel size."""
+
+    file_bytes: int
+    width: int
+    height: int
+
+
 class OriginalImages:
     """The original images a store was scored on, opened by image id: for file-based data straight from the
     split's folder (``folder / id``: nothing is listed, only the picked images are touched), otherwise through the
-    data module's image source."""
+    data module's image source. With ``records`` (the store's record of each image), an image whose file size or
+    pixel size differs from the scored one is an error naming it: crops are never cut from a replaced image."""
 
-    def __init__(self, source: ImageSource | None = None, folder: Path | None = None) -> None:
+    def __init__(self, source: ImageSource | None = None, folder: Path | None = None,
+                 records: Callable[[str], ImageRecord] | None = None) -> None:
         if (source is None) == (folder is None):
             raise ValueError("OriginalImages needs an image source or an image folder")
-        self.source, self.folder = source, folder
+        self.source, self.folder, self.records = source, folder, records
         self.position = {image_id: i for i, image_id in enumerate(source.ids)} if source is not None else {}
 
     @classmethod
-    def from_data_spec(cls, data: dict, root: str | None = None) -> "OriginalImages":
+    def from_data_spec(cls, data: dict, root: str | None = None,
+                       records: Callable[[str], ImageRecord] | None = None) -> "OriginalImages":
         """Reopen the split described by a store manifest's ``data`` (``class_path``, ``init_args``, ``split``).
 
-        ``root`` replaces ``init_args["root"]`` (for a store whose images have moved).
+        ``root`` replaces ``init_args["root"]`` (for a store whose images have moved); without it the absolute root
+        the store recorded is used, whatever the working directory.
         """
+        root = root or (data.get("fingerprint") or {}).get("root")
         module, split = reopen_data_module(data, root), data.get("split", "train")
         if hasattr(module, "image_folder"):
             folder = Path(module.image_folder(split))
             if not folder.is_dir():
                 raise DataError(f"data folder does not exist: {folder} (moved? pass images_root=...)")
-            return cls(folder=folder)
-        return cls(source=module.source(split))
+            return cls(folder=folder, records=records)
+        return cls(source=module.source(split), records=records)
 
     def load(self, image_id: str) -> Image.Image:
+        """The original image ``image_id``, checked against the store's record of it."""
+        record = self.records(image_id) if self.records is not None else None
         if self.folder is not None:
             path = self.folder / image_id
             if path.is_file():
-                return open_rgb(path)
+                if record is not None and record.file_bytes >= 0 and path.stat().st_size != record.file_bytes:
+                    raise DataError(f"image {path} is not the one that was scored: its file has "
+                                    f"{path.stat().st_size} bytes, the store recorded {record.file_bytes} (replaced "
+                                    "or re-encoded? images_root must point at the original files)")
+                return self.checked_size(image_id, open_rgb(path), record)
         elif image_id in self.position:
-            return self.source.load(self.position[image_id])
+            return self.checked_size(image_id, self.source.load(self.position[image_id]), record)
         raise DataError(f"image {image_id!r} of the store is not in the data source any more "
                         f"(moved or deleted? pass images_root=...)")
+
+    @staticmethod
+    def checked_size(image_id: str, image: Image.Image, record: ImageRecord | None) -> Image.Image:
+        """``image``, when its pixel size is the recorded one."""
+        if record is not None and image.size != (record.width, record.height):
+            raise DataError(f"image {image_id!r} is {image.width}x{image.height}, the store scored it at "
+                            f"{record.width}x{record.height}: the images found are not the ones the store was "
+                            "scored on (a resized copy? images_root must point at the originals)")
+        return image
 
     def crops(self, image_ids: Sequence[str], boxes: np.ndarray, size: int) -> np.ndarray:
         """``crop_patch`` for every (image, box), each image opened once: uint8 (N, size, size, 3)."""

@@ -42,7 +42,8 @@ class SynthesisOptions:
         seed: seed of the ``random`` and ``rded`` methods (per class, so a class draws the same patches in any
             subset).
         images_root: where the store's images are now, if they moved (replaces the data module's ``root``).
-        cache_dir: clustering cache (default ``STORE/clusters``).
+        cache_dir: where Stage II caches the clustering and the store's row index (default: inside the store,
+            ``STORE/clusters`` and ``STORE/index``; set it for a read-only store).
         expect_settings: scoring settings the store must have been made with, e.g. ``{"patch_size": 224}``.
     """
 

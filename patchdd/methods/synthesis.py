@@ -8,7 +8,7 @@ serves it to a student.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -34,6 +34,14 @@ def subset_mapping(available: ClassMapping, classes: str | list[str] | None) -> 
     return ClassMapping(tuple(folders), tuple(available.names[available.index(f)] for f in folders))
 
 
+def check_ipcs(ipcs: Sequence[int]) -> None:
+    """Refuse an empty IPC list or an IPC below 1 (before anything is written)."""
+    if not ipcs:
+        raise ValueError("--ipc names no IPC")
+    if any(n < 1 for n in ipcs):
+        raise ValueError(f"every IPC must be at least 1, got --ipc {' '.join(map(str, ipcs))}")
+
+
 def patch_count(ipc: int, layout_options: LayoutOptions) -> int:
     """Patches needed per class: ``grid**2 * IPC`` (4 * IPC when tiled 2x2, IPC otherwise)."""
     if ipc < 1:
@@ -47,9 +55,11 @@ def check_capacity(index: StoreIndex, selector: PatchSelector, folders: tuple[st
     short = {f: n for f, n in short.items() if n < count}
     if short:
         listed = ", ".join(f"{f} ({n})" for f, n in list(short.items())[:10])
+        advice = ("Use a smaller IPC or score more images / keep more patches per image." if index.store.is_complete()
+                  else "The store is incomplete (its scoring pass did not finish): rerun the scoring to complete it.")
         raise NotEnoughPatchesError(
             f"IPC {ipc} needs {count} patches per class with the {selector.name} selector, but {len(short)} "
-            f"class(es) have fewer: {listed}. Use a smaller IPC or score more images / keep more patches per image.")
+            f"class(es) have fewer: {listed}. {advice}")
 
 
 def synthesize_classes(index: StoreIndex, images: OriginalImages, classes: ClassMapping, ipc: int,
@@ -78,14 +88,15 @@ def build_synthetic(index: StoreIndex, images: OriginalImages, classes: ClassMap
 
 
 class StageTwo(NamedTuple):
-    """What building sets from one store needs: its rows, its original images, the classes asked, a method and
-    the layout its images take."""
+    """What building sets from one store needs: its rows, its original images, the classes asked, a method,
+    the layout its images take, and whether the store is complete (``False``: used partial, as allowed)."""
 
     index: StoreIndex
     images: OriginalImages
     classes: ClassMapping
     selector: PatchSelector
     layout: LayoutOptions
+    complete: bool
 
 
 def method_layout(selector: PatchSelector, layout: LayoutOptions) -> LayoutOptions:
@@ -93,23 +104,28 @@ def method_layout(selector: PatchSelector, layout: LayoutOptions) -> LayoutOptio
     return layout if getattr(selector, "composes", True) else replace(layout, compose_max_ipc=0)
 
 
-def open_store(store: str | Path, classes: str | list[str] | None, synthesis: SynthesisOptions) -> StageTwo:
-    """Open a score store for Stage II: check its settings, resolve the classes, reopen its images, build the
+def open_store(store: str | Path, classes: str | list[str] | None, synthesis: SynthesisOptions,
+               allow_partial: bool = False) -> StageTwo:
+    """Open a score store for Stage II: refuse an incomplete one (unless ``allow_partial``), check its settings,
+    resolve the classes, reopen its images (each checked against the store's record when opened), build the
     method ``synthesis.selector``."""
     score_store = ScoreStore.open(store)
+    complete = score_store.require_complete(allow_partial)
     check_settings(score_store, synthesis.expect_settings)
-    index = StoreIndex(score_store)
-    images = OriginalImages.from_data_spec(score_store.manifest.data, synthesis.images_root)
+    index = StoreIndex(score_store, synthesis.cache_dir)
+    images = OriginalImages.from_data_spec(score_store.manifest.data, synthesis.images_root, index.image_record)
     selector = make_selector(index, images, synthesis)
     return StageTwo(index, images, subset_mapping(index.classes, classes), selector,
-                    method_layout(selector, synthesis.layout))
+                    method_layout(selector, synthesis.layout), complete)
 
 
 def synthetic_set(store: str | Path, ipc: int, classes: str | list[str] | None = "all",
-                  synthesis: SynthesisOptions | None = None, progress: bool = True) -> tuple[SyntheticSet, Picks]:
+                  synthesis: SynthesisOptions | None = None, progress: bool = True,
+                  allow_partial: bool = False) -> tuple[SyntheticSet, Picks]:
     """The synthetic set of ``ipc`` images per class of ``classes`` from a score store, in memory, and the picks
-    it was made from (one call for a notebook: ``patchdd.synthetic_set("runs/demo/scores", 10, "all")``)."""
+    it was made from (one call for a notebook: ``patchdd.synthetic_set("runs/demo/scores", 10, "all")``); an
+    incomplete store is refused unless ``allow_partial``."""
     synthesis = synthesis or SynthesisOptions()
-    opened = open_store(store, classes, synthesis)
+    opened = open_store(store, classes, synthesis, allow_partial)
     return build_synthetic(opened.index, opened.images, opened.classes, ipc, opened.selector, opened.layout,
                            progress)

@@ -209,4 +209,5 @@ def patch_rows(batch: ScoringBatch, kept: list[KeptPatch], maps: np.ndarray, fea
         scores=np.asarray([p.score for p in kept], np.float32),
         features=features.astype(np.float32),
         score_maps=[maps[b] for b in owners],
+        file_bytes=np.asarray([batch.file_bytes[b] for b in owners], np.int64),
     )

@@ -10,7 +10,7 @@ from patchdd.formats.outputs import atomic_directory, exclusive_output
 from patchdd.formats.synthetic_folder import SyntheticFolderWriter
 from patchdd.methods.composition import layout_for
 from patchdd.methods.registry import SynthesisOptions
-from patchdd.methods.synthesis import check_capacity, open_store, patch_count, synthesize_classes
+from patchdd.methods.synthesis import check_capacity, check_ipcs, open_store, patch_count, synthesize_classes
 
 
 def distill(
@@ -20,6 +20,7 @@ def distill(
     classes: str | None = "all",
     synthesis: SynthesisOptions = SynthesisOptions(),
     overwrite: bool = False,
+    allow_partial: bool = False,
     progress: bool = True,
 ) -> list[Path]:
     """Distil a score store into synthetic ImageFolders (PNG), one per IPC, with manifests and contact sheets.
@@ -35,14 +36,17 @@ def distill(
         synthesis: the method (``--synthesis.selector diffusion|random|rded``), layout, clustering, RDED's
             teacher, seed, moved images, cache and expected store settings (``SynthesisOptions``).
         overwrite: replace existing ``ipc{N}`` folders.
+        allow_partial: use a score store whose scoring pass did not finish (refused otherwise); the sets'
+            ``synthetic.json`` records it.
         progress: show a progress bar over classes.
     """
+    check_ipcs(ipc)
     targets = {n: Path(out) / f"ipc{n}" for n in ipc}
     with exclusive_output(out):
         existing = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
         if existing and not overwrite:
             raise FileExistsError(f"output folders exist: {existing} (pass --overwrite true to replace them)")
-        index, images, mapping, selector, layout = open_store(store, classes, synthesis)
+        index, images, mapping, selector, layout, complete = open_store(store, classes, synthesis, allow_partial)
         for n in targets:  # every IPC checked before the first is written
             check_capacity(index, selector, mapping.folders, patch_count(n, layout), n)
         for n, target in targets.items():
@@ -56,7 +60,7 @@ def distill(
                     writer.add(label, class_images, picks)
                 writer.close({"ipc": n, "selector": selector.name, "store": str(Path(store).resolve()),
                               "store_hash": index.content_hash, "layout": asdict(layout),
-                              "options": selector.options()})
+                              "store_complete": complete, "options": selector.options()})
             print(f"wrote {target}: {writer.count} images ({len(mapping)} classes x {n}), "
                   f"{grid}x{grid} patches per {layout.output_size} px image")
     return list(targets.values())

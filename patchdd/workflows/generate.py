@@ -11,7 +11,9 @@ the sets are written in the same folder format as ``distill``'s, with ``provenan
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -22,16 +24,17 @@ from pathlib import Path
 
 import torch
 
-from patchdd.data.sources import ClassMapping
+from patchdd.data.sources import ClassMapping, data_fingerprint
 from patchdd.data.subsets import imagenet_wnids
 from patchdd.errors import StoreMismatchError
 from patchdd.formats.latent_stats import LatentStatsStore
 from patchdd.formats.outputs import atomic_directory, exclusive_output, replace_directory
+from patchdd.formats.stores import settings_difference
 from patchdd.formats.synthetic_folder import finish_generated_set
 from patchdd.generation.plan import (D3HROptions, D4MOptions, SamplingOptions, WorkItem, canonical_batches,
                                      group_items, noise_items, prototype_items, provenance_columns)
 from patchdd.generation.prototypes import class_latents, kmeans_prototypes
-from patchdd.methods.synthesis import subset_mapping
+from patchdd.methods.synthesis import check_ipcs, subset_mapping
 from patchdd.priors.dit import DEFAULT_DIT, weights_hash
 
 GENERATIVE_METHODS = {
@@ -54,12 +57,15 @@ def available_classes(dit, store: LatentStatsStore | None) -> ClassMapping:
     return dit.class_mapping or ClassMapping.for_folders(imagenet_wnids())
 
 
-def open_statistics(stats: str | None, d3hr: D3HROptions, prior_hash: str) -> LatentStatsStore:
-    """The latent statistics store of ``d3hr``, checked against the prior and the restart timestep."""
+def open_statistics(stats: str | None, d3hr: D3HROptions, prior_hash: str,
+                    allow_partial: bool = False) -> LatentStatsStore:
+    """The latent statistics store of ``d3hr``, checked to be complete (unless ``allow_partial``) and made with the
+    prior and the restart timestep."""
     if stats is None:
         raise ValueError("generate --method d3hr needs --stats DIR: the latent statistics store written by "
                          "`patchdd predict -c configs/invert/<config>.yaml --stats.dir DIR`")
     store = LatentStatsStore.open(stats)
+    store.require_complete(allow_partial)
     settings = store.manifest.settings
     if settings.get("prior_hash") != prior_hash:
         raise StoreMismatchError(f"{stats} was inverted with other DiT weights ({settings.get('prior_hash')}) than "
@@ -91,10 +97,30 @@ def pending_batches(items: Sequence[WorkItem], batches: list[list[int]], directo
     return [b for b in batches if not all((directory / items[i].file).is_file() for i in b)]
 
 
-def prepare_building(building: Path, settings: dict, is_global_zero: bool = True, wait_seconds: float = 600) -> None:
-    """Resume ``building`` when it was started with the same settings; otherwise start it afresh. Only global rank 0
-    changes it; the other ranks (started at once under SLURM) wait until it records these settings, so that every
-    rank plans from the same folder."""
+def check_arguments(ipc: Sequence[int], batch_size: int) -> None:
+    """Refuse bad arguments before anything is written."""
+    check_ipcs(ipc)
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+
+
+def input_identity(method: str, store: LatentStatsStore | None, source, mapping: ClassMapping,
+                   data: str | None) -> dict:
+    """What a set depends on besides the prior and the options: the statistics store's content (d3hr) or the
+    training images' fingerprint (d4m), so that a resume never mixes images made from other inputs."""
+    if store is not None:
+        return {"stats_hash": store.content_hash()}
+    if method == "d4m":
+        fingerprint = data_fingerprint(source, mapping.folders, data)
+        return {"data_hash": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]}
+    return {}
+
+
+def prepare_building(building: Path, settings: dict, is_global_zero: bool = True, overwrite: bool = False,
+                     wait_seconds: float = 600) -> None:
+    """Resume ``building`` when it was started with the same settings and inputs; with other ones refuse it,
+    naming what changed (``overwrite``: start it afresh). Only global rank 0 changes it; the other ranks (started at
+    once under SLURM) wait until it records these settings, so that every rank plans from the same folder."""
     record = building / SETTINGS_FILE
 
     def recorded() -> dict | None:
@@ -110,7 +136,12 @@ def prepare_building(building: Path, settings: dict, is_global_zero: bool = True
                 raise TimeoutError(f"rank 0 did not prepare {building} within {wait_seconds:.0f} s")
             time.sleep(0.5)
         return
-    if building.exists() and recorded() != settings:
+    previous = recorded()
+    if building.exists() and previous != settings:
+        if previous is not None and not overwrite:
+            changed = settings_difference(previous, settings)
+            raise StoreMismatchError(f"{building} holds images made from other inputs or settings; not mixing them:\n  "
+                                     + "\n  ".join(changed) + "\n(pass --overwrite true to start this set afresh)")
         shutil.rmtree(building)
     building.mkdir(parents=True, exist_ok=True)
     tmp = record.with_name(f"{record.name}.tmp")
@@ -138,6 +169,7 @@ def generate(
     strategy: str = "auto",
     precision: str | None = None,
     overwrite: bool = False,
+    allow_partial: bool = False,
     progress: bool = True,
 ) -> list[Path]:
     """Generate synthetic sets with a diffusion prior (dit, d3hr: a class-conditional DiT; d4m: SD), one per IPC.
@@ -168,7 +200,9 @@ def generate(
         devices: Lightning devices (several: DDP over the canonical batches).
         strategy: Lightning strategy.
         precision: Lightning precision (default: ``bf16-mixed`` on a GPU, ``32-true`` on the CPU).
-        overwrite: replace existing ``ipc{N}`` folders.
+        overwrite: replace existing ``ipc{N}`` folders, and restart a building set whose inputs changed.
+        allow_partial: use a statistics store whose inversion pass did not finish (refused otherwise); the sets'
+            ``synthetic.json`` records it.
         progress: show a progress bar.
     """
     import lightning as L
@@ -179,6 +213,7 @@ def generate(
 
     if method not in GENERATIVE_METHODS:
         raise ValueError(f"unknown generative method {method!r}; choose from {sorted(GENERATIVE_METHODS)}")
+    check_arguments(ipc, batch_size)
     store, source = None, None
     if method == "d4m":
         if data is None:
@@ -193,10 +228,13 @@ def generate(
         restart = d3hr.timestep if method == "d3hr" else None
         module = LatentGenerator(prior, sampling, start_timestep=restart, restart_offset=d3hr.restart_offset)
         prior_hash = weights_hash(module.dit.transformer)
-        store = open_statistics(stats, d3hr, prior_hash) if method == "d3hr" else None
+        store = open_statistics(stats, d3hr, prior_hash, allow_partial) if method == "d3hr" else None
         available = available_classes(module.dit, store)
         mapping = subset_mapping(available, classes)
         model_labels = module.dit.label_ids(mapping.folders)
+        if method == "d3hr":
+            for n in ipc:
+                d3hr.check_memory(n, math.prod(module.dit.latent_shape))
     device = device_of(accelerator)
     if precision is None:
         precision = "bf16-mixed" if device.type == "cuda" else "32-true"
@@ -208,7 +246,9 @@ def generate(
     else:
         options |= {"sampling": asdict(sampling)}
     if method == "d3hr":
-        options |= {"d3hr": asdict(d3hr), "stats": str(Path(stats).resolve())}
+        options |= {"d3hr": asdict(d3hr), "stats": str(Path(stats).resolve()),
+                    "stats_complete": store.is_complete()}
+    options |= input_identity(method, store, source, mapping, data)
     targets = {n: Path(out) / f"ipc{n}" for n in ipc}
     writer = SyntheticImageWriter({n: str(Path(out) / f".ipc{n}.building") for n in ipc}, output_size, resize_filter)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
@@ -226,7 +266,8 @@ def generate(
         buildings = {n: Path(d) for n, d in writer.directories.items()}
         for n in ipc:
             prepare_building(buildings[n], {"method": method, "prior_hash": prior_hash, "ipc": n,
-                                            "classes": list(mapping.folders), **options}, trainer.is_global_zero)
+                                            "classes": list(mapping.folders), **options}, trainer.is_global_zero,
+                             overwrite)
             if method == "d3hr":
                 planned = group_items(mapping, model_labels, n, seed, sums, available.folders,
                                       module.dit.latent_shape, d3hr, group_device)

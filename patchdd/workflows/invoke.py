@@ -97,6 +97,17 @@ def list_options(function: Callable) -> set[str]:
     return options
 
 
+def is_option(arg: str) -> bool:
+    """Whether ``arg`` is an option name (``--ipc``), not a value (``-1`` is a value)."""
+    if not arg.startswith("-"):
+        return False
+    try:
+        float(arg)
+    except ValueError:
+        return True
+    return False
+
+
 def spread_list_values(function: Callable, args: Sequence[str]) -> list[str]:
     """Let list options take space-separated values: ``--ipc 1 10 50`` becomes ``--ipc [1,10,50]``."""
     lists, out, i = list_options(function), [], 0
@@ -106,7 +117,7 @@ def spread_list_values(function: Callable, args: Sequence[str]) -> list[str]:
         if out[-1] not in lists:
             continue
         values = []
-        while i < len(args) and not args[i].startswith("-"):
+        while i < len(args) and not is_option(args[i]):
             values.append(args[i])
             i += 1
         if len(values) == 1 and values[0].startswith("["):
