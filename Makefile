@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SETUP_LOG := $(VENV)/setup.log
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup test test-all demo panel toydata toy-prior toy-dit bench-gpu clean
+.PHONY: setup test test-all docs demo panel toydata toy-prior toy-dit bench-gpu clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@( $(PY) -m pip install -q --upgrade pip && \
 	   $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 && \
-	   $(PY) -m pip install -q -e '.[dev]' ) > $(SETUP_LOG) 2>&1 || (tail -n 30 $(SETUP_LOG); exit 1)
+	   $(PY) -m pip install -q -e '.[dev,docs]' ) > $(SETUP_LOG) 2>&1 || (tail -n 30 $(SETUP_LOG); exit 1)
 	@touch $(STAMP)
 	@echo "$(VENV) ready"
 
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# The documentation site (MkDocs + Material + mkdocstrings) into build/site; tests/test_docs.py builds it strictly.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --quiet
 
 toydata: $(STAMP)
 	$(PY) cli.py toydata --out data/toy
@@ -51,4 +55,4 @@ panel: $(STAMP)
 	$(PY) cli.py matrix -c configs/matrix/toy_panel.yaml --out runs/matrix/toy_panel
 
 clean:
-	rm -rf runs lightning_logs data/toy
+	rm -rf runs lightning_logs data/toy build/site
