@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # every command's error is one line unless --traceback
         if show_traceback:
             raise
+        details = getattr(err, "details", "")
+        if details and os.environ.get("PATCHDD_VERBOSE"):
+            print(details, file=sys.stderr)
         print(f"patchdd {args[0]}: error: {one_line(err)} (--traceback for the stack)", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -34,6 +34,15 @@ class NotEnoughPatchesError(PatchDDError, ValueError):
     """A class holds fewer candidate patches (or images) than the synthetic set needs."""
 
 
+class OptionError(PatchDDError, ValueError):
+    """A command line or config the parser refuses (an unknown option, a missing config, a bad value); the message is
+    one line, the parser's own in ``details`` (printed with ``--verbose``)."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
 class PriorUnavailableError(PatchDDError, RuntimeError):
     """A diffusion prior (or one of its components) that can be neither built from a config nor loaded from a
     local folder or the hub."""

@@ -12,6 +12,8 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from patchdd.workflows.parser_errors import OneLineErrors, parsing
+
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 CONFIG_FLAGS = ("-c", "--config")
 PACKAGED = ("configs/", "assets/")
@@ -64,14 +66,20 @@ def run_trainer_command(args: Sequence[str]) -> None:
     from patchdd.workflows.lightning_cli import PatchDDCLI
 
     import_lightning_classes()
-    PatchDDCLI(args=with_packaged_configs(args))
+    args = with_packaged_configs(args)
+    with parsing(args):
+        PatchDDCLI(args=args)
 
 
 def command_parser(name: str, function: Callable):
-    """A jsonargparse parser for ``function`` with the ``-c/--config`` and ``--print_config`` habits."""
+    """A jsonargparse parser for ``function`` with the ``-c/--config`` and ``--print_config`` habits; errors are
+    one :class:`OptionError` line."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog=f"patchdd {name}", description=(function.__doc__ or "").strip().split("\n")[0])
+    class CommandParser(OneLineErrors, ArgumentParser):
+        pass
+
+    parser = CommandParser(prog=f"patchdd {name}", description=(function.__doc__ or "").strip().split("\n")[0])
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML file with the options below")
     parser.add_function_arguments(function, as_group=False)
     return parser
@@ -80,7 +88,9 @@ def command_parser(name: str, function: Callable):
 def run_function(name: str, function: Callable, args: Sequence[str]):
     """Parse ``args`` for the command ``name`` (whose options are ``function``'s parameters) and call it."""
     parser = command_parser(name, function)
-    config = parser.instantiate(parser.parse_args(spread_list_values(function, with_packaged_configs(args))))
+    args = with_packaged_configs(args)
+    with parsing(args):
+        config = parser.instantiate(parser.parse_args(spread_list_values(function, args)))
     options = {k: v for k, v in vars(config).items() if k not in ("config", "__path__")}
     return function(**options)
 

@@ -6,10 +6,15 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from patchdd.datamodules.score_writer import LatentStatsWriter, ScoreStoreWriter
 from patchdd.training.zoo import find_run_checkpoint
+from patchdd.workflows.parser_errors import OneLineErrors
+
+
+class PatchDDArgumentParser(OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one line (:class:`~patchdd.errors.OptionError`)."""
 
 
 class PatchDDCLI(LightningCLI):
@@ -21,7 +26,7 @@ class PatchDDCLI(LightningCLI):
         with warnings.catch_warnings():  # args given from Python (the demo, the matrix) while sys.argv is the caller's
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             super().__init__(seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args,
-                             auto_configure_optimizers=False)
+                             auto_configure_optimizers=False, parser_class=PatchDDArgumentParser)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ScoreStoreWriter, "store")
