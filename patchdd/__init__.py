@@ -3,12 +3,16 @@
 The public API a notebook needs, imported on first use (``import patchdd`` itself is instant)::
 
     import patchdd
+    store = patchdd.score("data/toy", "assets/toy_prior", "runs/demo/scores", config="configs/score/toy.yaml")
     store = patchdd.ScoreStore.open("runs/demo/scores")                       # a Stage I score store
     images, picks = patchdd.synthetic_set("runs/demo/scores", ipc=10, classes="all",
                                           synthesis=patchdd.SynthesisOptions(selector="diffusion"))
     patchdd.distill("runs/demo/scores", "runs/syn/toy", ipc=[1, 10])           # export PNG ImageFolders
     patchdd.generate("d3hr", "runs/syn/d3hr", "assets/toy_dit", ipc=[10], stats="runs/demo/d3hr_stats")
     model = patchdd.build_model("resnet18", num_classes=10)                   # the model zoo
+    summary = patchdd.evaluate("runs/syn/toy/ipc10", "data/toy", "convnet_d3", "runs/demo/teacher",
+                               student="convnet_d3", configs=["configs/student/rded_defaults.yaml",
+                                                              "configs/student/toy.yaml"])
     patchdd.matrix(out=..., base=[...], teachers=[...], students=[...])       # teacher x student matrices
 
 The command line is ``patchdd --help`` (``python -m patchdd``, ``python cli.py``).
@@ -49,6 +53,8 @@ _API = {
     "generate": "patchdd.workflows.generate",
     "build_model": "patchdd.training.zoo",
     "distill": "patchdd.workflows.distill",
+    "score": "patchdd.workflows.python_api",
+    "evaluate": "patchdd.workflows.python_api",
     "matrix": "patchdd.workflows.matrix",
     "TeacherSpec": "patchdd.workflows.matrix",
     "StudentSpec": "patchdd.workflows.matrix",

@@ -5,17 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import Dataset
 
 from patchdd.data.sources import ClassMapping
 
 
 @dataclass
-class SyntheticSet:
-    """Distilled images held in memory as uint8, ready to live on the GPU.
+class SyntheticSet(Dataset):
+    """Distilled images held in memory as uint8, ready to live on the GPU; also a ``torch.utils.data.Dataset`` of
+    ``(image, label)`` pairs (uint8 (3, H, W), int), for a loop of one's own::
+
+        images, picks = patchdd.synthetic_set("runs/demo/scores", ipc=10)
+        loader = torch.utils.data.DataLoader(images, batch_size=32, shuffle=True)
 
     ``grid`` is the number of tiles per side of every image: 2 for the 2x2 composition of four patches
     (IPC <= 10 in the paper and RDED), 1 for one patch per image. The student's patch-shuffle augmentation
     reads it.
+
+    Args:
+        images: (N, 3, H, W) uint8.
+        labels: (N,) int64, indices into ``classes``.
+        classes: the class mapping of the labels.
+        grid: tiles per side of every image.
     """
 
     images: torch.Tensor  # (N, 3, H, W) uint8
@@ -34,6 +45,9 @@ class SyntheticSet:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
 
     def images_per_class(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=len(self.classes))
