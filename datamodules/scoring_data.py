@@ -51,6 +51,8 @@ class ScoringDataModule(L.LightningDataModule):
     Args:
         data: the real data module (``ImageFolderDataModule``, ``CIFARDataModule``, ...), by class_path in YAML.
         root: shortcut that replaces the real data module's ``root`` (``--data.root DIR``).
+        classes: shortcut that replaces the real data module's ``classes`` (``--data.classes imagewoof``): ``all``,
+            a preset or class folders / names, as in every other command.
         split: which split to score (``train``, as the paper distils the training set).
         image_size: short side of the scored image (the paper: 256).
         bucket_multiple: the long side is rounded to a multiple of this (pixels).
@@ -65,7 +67,8 @@ class ScoringDataModule(L.LightningDataModule):
         scan_workers: threads reading image headers to plan the buckets.
     """
 
-    def __init__(self, data: RealDataModule, root: str | None = None, split: str = "train", image_size: int = 256,
+    def __init__(self, data: RealDataModule, root: str | None = None, classes: str | list[str] | None = None,
+                 split: str = "train", image_size: int = 256,
                  bucket_multiple: int = 64, max_aspect: float = 2.0, whole_image: bool = False,
                  max_images_per_class: int | None = None, subset_seed: int = 0, batch_size: int = 32,
                  num_workers: int = 4, skip_unreadable: bool = False, scan_workers: int = 16) -> None:
@@ -76,6 +79,10 @@ class ScoringDataModule(L.LightningDataModule):
             if not hasattr(data, "root"):
                 raise ValueError(f"{type(data).__name__} has no root to replace")
             data.root = Path(root)
+        if classes is not None:
+            if not hasattr(data, "classes"):
+                raise ValueError(f"{type(data).__name__} has no classes to replace")
+            data.classes = classes
         self.data, self.split = data, split
         self.image_size, self.bucket_multiple, self.max_aspect = image_size, bucket_multiple, max_aspect
         self.whole_image = whole_image

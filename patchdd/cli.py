@@ -25,6 +25,7 @@ COMMANDS = {
     "distill": "patchdd.workflows.distill:distill",
     "generate": "patchdd.workflows.generate:generate",
     "matrix": "patchdd.workflows.matrix:matrix",
+    "methods": "patchdd.methods.catalog:list_methods",
     "demo": "patchdd.workflows.demo:demo",
 }
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")

@@ -38,3 +38,36 @@ def test_verbose_adds_the_parsers_own_message(capsys, monkeypatch) -> None:
     monkeypatch.delenv("PATCHDD_VERBOSE", raising=False)
     lines = error_lines(["--verbose", "generate", "--methd", "dit"], capsys)
     assert len(lines) > 1 and "--methd" in lines[0] and lines[-1].startswith("patchdd generate: error: OptionError")
+
+
+# --- one name per concept -----------------------------------------------------------------------------------------
+def test_patchdd_methods_lists_every_method_of_both_families(capsys) -> None:
+    from patchdd.methods.catalog import CATALOG
+    from patchdd.methods.registry import METHODS
+    from patchdd.workflows.generate import GENERATIVE_METHODS
+
+    cli.main(["methods"])
+    out = capsys.readouterr().out
+    names = [m.name for m in CATALOG]
+    assert all(f"| {name} |" in out for name in names)
+    assert {m.name for m in CATALOG if m.family == "selection"} == set(METHODS)  # distill --method takes them all
+    generated = {m.commands.split("generate --method ")[1].split()[0] for m in CATALOG if m.family == "generative"}
+    assert generated == set(GENERATIVE_METHODS)  # and every generative row names a generate method
+
+
+def test_distill_takes_method_and_generate_the_old_data_spelling(tmp_path, capsys) -> None:
+    from test_distill import FAST, LAYOUT, random_rows, write_images, write_store
+
+    counts = {"cls_a": 6, "cls_b": 6}
+    write_images(tmp_path / "images", counts)
+    write_store(tmp_path / "store", tmp_path / "images", random_rows(counts), list(counts))
+    cli.main(["distill", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--ipc", "1",
+              "--method", "random", "--synthesis.layout.output_size", str(LAYOUT.output_size),
+              "--synthesis.clustering.num_clusters", str(FAST.num_clusters), "--progress", "false"])
+    import json
+
+    assert json.loads((tmp_path / "out" / "ipc1" / "synthetic.json").read_text())["selector"] == "random"
+    with pytest.raises(SystemExit):  # d4m without a data root; the old --data spelling is read, with a note
+        cli.main(["generate", "--method", "d4m", "--data", str(tmp_path / "nowhere"), "--prior",
+                  str(tmp_path / "no_prior"), "--out", str(tmp_path / "gen")])
+    assert "note: data is deprecated, use data_root" in capsys.readouterr().err

@@ -425,5 +425,5 @@ def test_generate_d4m_writes_prototype_sets(toy_root, prior_dir, tmp_path):
     assert synthetic.images.shape == (8, 3, 32, 32) and synthetic.grid == 1
     rows = pq.read_table(tmp_path / "out" / "ipc2" / PROVENANCE_FILE).to_pylist()
     assert {r["init"] for r in rows} == {"prototype"} and {r["scheduler"] for r in rows} == {"pndm"}
-    with pytest.raises(ValueError, match="needs --data"):
+    with pytest.raises(ValueError, match="needs --data_root"):
         generate("d4m", str(tmp_path / "x"), str(prior_dir), d4m=options)

@@ -217,7 +217,7 @@ def test_a_d4m_resume_on_a_replaced_data_folder_is_refused(prior_dir, tmp_path, 
                              val_per_class=1)
 
     def run(**kwargs):
-        generate("d4m", str(tmp_path / "out"), str(prior_dir), ipc=[2], data=str(data), d4m=options, batch_size=3,
+        generate("d4m", str(tmp_path / "out"), str(prior_dir), ipc=[2], data_root=str(data), d4m=options, batch_size=3,
                  progress=False, **kwargs)
 
     cut_generate(monkeypatch, run)

@@ -49,7 +49,7 @@ def matrix_config(tmp_path: Path, base: Path, epochs: int = 1) -> Path:
         "students": [{"name": "convnet_d1", "kwargs": {"width": 8}, "label": "S-d1"},
                      {"name": "convnet_d2", "kwargs": {"width": 8}, "label": "S-d2"}],
         "ipcs": [2],
-        "selectors": ["random"],
+        "selectors": ["random"],  # the old spelling of methods
         "seeds": [0],
         "synthetic_dir": str(tmp_path / "syn" / "ipc{ipc}"),
         "overrides": {"trainer.max_epochs": epochs},
@@ -76,6 +76,7 @@ def check_matrix_run(tmp_path: Path, launcher: str) -> None:
     first = run_matrix(config, out, launcher, returncode=1)  # failed cells: the matrix exits non-zero ...
     assert "cell 1/4: T-good x S-d1 seed 0 (IPC 2, random)" in first.stdout
     assert "error: CellsFailedError: 2 of 4 cells failed" in first.stderr  # ... in one line, tables written
+    assert "note: selectors is deprecated, use methods" in first.stderr  # the config's old spelling still works
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 4
     status = {(r["teacher"], r["student"]): r for r in rows}
@@ -182,7 +183,7 @@ def test_fairness_panel_from_a_matrix_with_all_protocols(tmp_path):
         "base": str(base_config(tmp_path)),
         "teachers": [{"name": "convnet_d2", "checkpoint": str(teacher), "kwargs": {"width": 8}, "label": "T"}],
         "students": [{"name": "convnet_d1", "kwargs": {"width": 8}, "label": "S"}],
-        "ipcs": [2], "selectors": ["random", "random_real"], "seeds": [0, 1],
+        "ipcs": [2], "methods": ["random", "random_real"], "seeds": [0, 1],
         "protocols": ["soft_aug", "soft_noaug", "hard_aug", "hard_noaug"],
         "synthetic_dir": str(tmp_path / "syn" / "{selector}" / "ipc{ipc}"),
         "full_data": {"config": str(full_data), "cache_dir": str(tmp_path / "full_cache")},
@@ -273,4 +274,4 @@ def test_woof_methods_config_judges_every_method_of_the_suite(tmp_path):
     config = parser.instantiate_classes(parser.parse_args(["-c", str(REPO / "configs/matrix/woof_methods.yaml"),
                                                            "--out", str(tmp_path)]))
     assert config.protocols == ["soft_aug"] and config.ipcs == [10, 50, 100] and len(config.seeds) == 5
-    assert set(config.selectors) == {"diffusion", "rded", "random_real", "dit", "d3hr", "minimax", "memory", "d4m"}
+    assert set(config.methods) == {"diffusion", "rded", "random_real", "dit", "d3hr", "minimax", "memory", "d4m"}

@@ -15,17 +15,19 @@ FAST_SCORING = {"model.num_draws": 2, "model.dift_ensemble": 1, "model.patch_siz
 
 
 def test_score_then_a_synthetic_set_feeds_a_dataloader(toy_root, prior_dir, tmp_path) -> None:
-    store = patchdd.score(str(toy_root), str(prior_dir), str(tmp_path / "store"), classes="all",
+    folders = sorted(p.name for p in (toy_root / "train").iterdir())[1:4]
+    store = patchdd.score(str(toy_root), str(prior_dir), str(tmp_path / "store"), classes=folders,
                           config="configs/score/toy.yaml",
                           options=FAST_SCORING | {"trainer.default_root_dir": str(tmp_path / "logs")})
-    assert store.is_complete() and len(store.done_ids()) == 4 * 6  # every training image of the toy fixture
+    assert store.is_complete() and store.manifest.classes["folders"] == folders  # --data.classes: the subset
+    assert len(store.done_ids()) == 3 * 6  # every training image of the three classes
     images, _ = patchdd.synthetic_set(tmp_path / "store", ipc=1, classes="all",
                                       synthesis=patchdd.SynthesisOptions(selector="random"), progress=False)
     assert isinstance(images, torch.utils.data.Dataset)
-    image, label = images[3]
-    assert image.dtype == torch.uint8 and image.shape == images.images.shape[1:] and label == 3
-    batches = list(torch.utils.data.DataLoader(images, batch_size=3))
-    assert [len(b[0]) for b in batches] == [3, 1] and torch.equal(torch.cat([b[1] for b in batches]), images.labels)
+    image, label = images[2]
+    assert image.dtype == torch.uint8 and image.shape == images.images.shape[1:] and label == 2
+    batches = list(torch.utils.data.DataLoader(images, batch_size=2))
+    assert [len(b[0]) for b in batches] == [2, 1] and torch.equal(torch.cat([b[1] for b in batches]), images.labels)
 
 
 def test_evaluate_returns_the_students_summary(tmp_path) -> None:

@@ -288,7 +288,7 @@ def demo(
         # D4M works with the SD-layout prior, a fine-tuned row with its own DiT
         method_prior = prior_dir if method == "d4m" else tuned_priors.get(method, dit_dir)
         _stage(f"generate ({method})", done, lambda m=method, c=config, p=method_prior: run_function(
-            "generate", generate, ["-c", c, "--prior", str(p), "--out", str(syn_root / m), "--data", str(data_dir),
+            "generate", generate, ["-c", c, "--prior", str(p), "--out", str(syn_root / m), "--data_root", str(data_dir),
                                    "--stats", str(out_dir / "d3hr_stats"), "--classes", data_classes,
                                    "--overwrite", "true", "--progress", "false", "--ipc", *map(str, ipcs)]),
                logs / f"generate-{method}.log", ledger)
@@ -298,7 +298,7 @@ def demo(
         teachers=[TeacherSpec("convnet_d3", checkpoint=str(teacher_checkpoint), kwargs=teacher_kwargs,
                               label="ConvNet-D3")],
         students=[StudentSpec("convnet_d3", kwargs=teacher_kwargs, label="ConvNet-D3")],
-        ipcs=ipcs, selectors=methods, seeds=seeds,
+        ipcs=ipcs, methods=methods, seeds=seeds,
         synthetic_dir=str(syn_root / "{selector}" / "ipc{ipc}"),
         overrides={"trainer.max_epochs": student_epochs, "data.real.root": str(data_dir)},
         launcher="inline", title="Toy demo students", protocols=protocols,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from patchdd.formats.outputs import atomic_directory, exclusive_output
@@ -19,6 +19,7 @@ def distill(
     ipc: Sequence[int] = (1, 10, 50),
     classes: str | None = "all",
     synthesis: SynthesisOptions = SynthesisOptions(),
+    method: str | None = None,
     overwrite: bool = False,
     allow_partial: bool = False,
     progress: bool = True,
@@ -33,14 +34,18 @@ def distill(
         out: output directory; gets ``ipc{N}/`` per IPC and ``contact_sheets/ipc{N}/``.
         ipc: images per class, one or several (``--ipc 1 10 50``); the clustering is computed once.
         classes: ``all``, a preset (imagenette, imagewoof, imagenet100) or comma-separated wnids / names.
-        synthesis: the method (``--synthesis.selector diffusion|random|rded``), layout, clustering, RDED's
-            teacher, seed, moved images, cache and expected store settings (``SynthesisOptions``).
+        synthesis: the method (``--synthesis.selector``), layout, clustering, RDED's teacher, seed, moved images,
+            cache and expected store settings (``SynthesisOptions``).
+        method: the selection method (``diffusion``, ``rded``, ``random``, ``random_real``: ``patchdd methods``
+            lists them); replaces ``synthesis.selector``.
         overwrite: replace existing ``ipc{N}`` folders.
         allow_partial: use a score store whose scoring pass did not finish (refused otherwise); the sets'
             ``synthetic.json`` records it.
         progress: show a progress bar over classes.
     """
     check_ipcs(ipc)
+    if method is not None:
+        synthesis = replace(synthesis, selector=method)
     targets = {n: Path(out) / f"ipc{n}" for n in ipc}
     with exclusive_output(out):
         existing = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]

@@ -36,6 +36,7 @@ from patchdd.generation.plan import (D3HROptions, D4MOptions, SamplingOptions, W
 from patchdd.generation.prototypes import class_latents, kmeans_prototypes
 from patchdd.methods.synthesis import check_ipcs, subset_mapping
 from patchdd.priors.dit import DEFAULT_DIT, weights_hash
+from patchdd.workflows.invoke import deprecated
 
 GENERATIVE_METHODS = {
     "dit": "class-conditional DiT sampling from Gaussian noise (the plain-DiT baseline; Minimax / seed-001 priors)",
@@ -159,7 +160,7 @@ def generate(
     seed: int = 0,
     sampling: SamplingOptions = SamplingOptions(),
     d3hr: D3HROptions = D3HROptions(),
-    data: str | None = None,
+    data_root: str | None = None,
     d4m: D4MOptions = D4MOptions(),
     output_size: int | None = None,
     resize_filter: str = "lanczos",
@@ -171,6 +172,7 @@ def generate(
     overwrite: bool = False,
     allow_partial: bool = False,
     progress: bool = True,
+    data: str | None = None,
 ) -> list[Path]:
     """Generate synthetic sets with a diffusion prior (dit, d3hr: a class-conditional DiT; d4m: SD), one per IPC.
 
@@ -191,7 +193,7 @@ def generate(
         seed: seed of every image's noise and of the group sampling.
         sampling: sampler, steps, guidance (``SamplingOptions``).
         d3hr: restart timestep and offset, candidate groups, score (``D3HROptions``).
-        data: the ImageFolder root whose training images give D4M's prototypes (d4m).
+        data_root: the ImageFolder root whose training images give D4M's prototypes (d4m).
         d4m: image size, k-means, img2img strength, guidance, prompts (``D4MOptions``).
         output_size: side of the saved images (``None``: as decoded; D3HR saves 224 from 256).
         resize_filter: ``lanczos`` (D3HR), ``bicubic`` or ``bilinear``.
@@ -204,6 +206,7 @@ def generate(
         allow_partial: use a statistics store whose inversion pass did not finish (refused otherwise); the sets'
             ``synthetic.json`` records it.
         progress: show a progress bar.
+        data: the old spelling of ``data_root`` (accepted for one release, with a note).
     """
     import lightning as L
 
@@ -214,13 +217,17 @@ def generate(
     if method not in GENERATIVE_METHODS:
         raise ValueError(f"unknown generative method {method!r}; choose from {sorted(GENERATIVE_METHODS)}")
     check_arguments(ipc, batch_size)
+    if data is not None:
+        deprecated("data", "data_root")
+        data_root = data
     store, source = None, None
     if method == "d4m":
-        if data is None:
-            raise ValueError("generate --method d4m needs --data ROOT: the training images its prototypes come from")
+        if data_root is None:
+            raise ValueError("generate --method d4m needs --data_root ROOT: the training images its prototypes come "
+                             "from")
         module = PromptedImg2Img(prior, d4m)
         prior_hash = weights_hash(module.prior.unet)
-        data_module = ImageFolderDataModule(data, classes=classes)
+        data_module = ImageFolderDataModule(data_root, classes=classes)
         mapping, source = data_module.class_mapping, data_module.source("train")
         module.use_classes(mapping)
         model_labels = [0] * len(mapping)
@@ -242,13 +249,13 @@ def generate(
     options = {"seed": seed, "batch_size": batch_size, "output_size": output_size, "resize_filter": resize_filter,
                "start_timestep": module.start_timestep_used}
     if method == "d4m":
-        options |= {"d4m": asdict(d4m), "data": str(Path(data).resolve())}
+        options |= {"d4m": asdict(d4m), "data": str(Path(data_root).resolve())}
     else:
         options |= {"sampling": asdict(sampling)}
     if method == "d3hr":
         options |= {"d3hr": asdict(d3hr), "stats": str(Path(stats).resolve()),
                     "stats_complete": store.is_complete()}
-    options |= input_identity(method, store, source, mapping, data)
+    options |= input_identity(method, store, source, mapping, data_root)
     targets = {n: Path(out) / f"ipc{n}" for n in ipc}
     writer = SyntheticImageWriter({n: str(Path(out) / f".ipc{n}.building") for n in ipc}, output_size, resize_filter)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,

@@ -8,6 +8,7 @@ demo and the matrix all go through these two, so a stage of the demo is exactly 
 
 from __future__ import annotations
 
+import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,11 @@ from patchdd.workflows.parser_errors import OneLineErrors, parsing
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 CONFIG_FLAGS = ("-c", "--config")
 PACKAGED = ("configs/", "assets/")
+
+
+def deprecated(old: str, new: str) -> None:
+    """One line on the console: ``old`` is an old spelling of ``new``, still accepted for one release."""
+    print(f"note: {old} is deprecated, use {new} (accepted until the next release)", file=sys.stderr)
 
 
 def packaged_path(path: str) -> str:

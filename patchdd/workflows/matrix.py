@@ -38,7 +38,7 @@ from patchdd.lightning_modules.student import SUMMARY_FILE
 from patchdd.training.kd import idc_epochs
 from patchdd.training.zoo import find_run_checkpoint
 from patchdd.workflows.console import output_to
-from patchdd.workflows.invoke import packaged_path, run_trainer_command
+from patchdd.workflows.invoke import deprecated, packaged_path, run_trainer_command
 from patchdd.workflows.panel import RANDOM_REAL, FullDataSpec, full_data_accuracy, write_panel
 from patchdd.workflows.runs import fit_arguments, format_cell, seed_statistics, slug
 
@@ -133,13 +133,18 @@ def cell_overrides(cell: Cell, batch_size: int | str | None, synthetic_dir: str 
         values["trainer.devices"] = devices
     if synthetic_dir is not None:
         values["data.init_args.store"] = None
-        values["data.init_args.synthetic_dir"] = synthetic_dir.format(ipc=cell.ipc, selector=cell.selector)
+        values["data.init_args.synthetic_dir"] = set_folder(synthetic_dir, cell.ipc, cell.selector)
     else:
         values["data.init_args.ipc"] = cell.ipc
         values["data.init_args.synthesis.selector"] = cell.selector
     if batch_size is not None:
         values["data.init_args.batch_size"] = batch_size
     return {**values, **overrides}
+
+
+def set_folder(template: str, ipc: int, method: str) -> str:
+    """The set folder of an IPC and method from a ``synthetic_dir`` template (``{method}``, or ``{selector}``)."""
+    return template.format(ipc=ipc, method=method, selector=method)
 
 
 def read_summary(directory: Path) -> dict | None:
@@ -359,7 +364,7 @@ def matrix(
     teachers: list[TeacherSpec] = [],
     students: list[StudentSpec] = [],
     ipcs: list[int] = [10],
-    selectors: list[str] = ["diffusion"],
+    methods: list[str] = ["diffusion"],
     seeds: list[int] = [0],
     batch_size: int | Literal["rded", "base"] = "rded",
     synthetic_dir: str | None = None,
@@ -372,6 +377,7 @@ def matrix(
     protocols: list[Protocol] = [MAIN_PROTOCOL],
     full_data: FullDataSpec | None = None,
     idc_config: str = "configs/student/idc.yaml",
+    selectors: list[str] | None = None,
 ) -> Path:
     """Run a teacher x student (x IPC x selector x seed) matrix of FKD student fits; write CSV, Markdown and heatmap.
 
@@ -383,12 +389,14 @@ def matrix(
             protocol uses hard labels).
         students: columns: ``{name, lr, label, kwargs}`` (lr None: the base config's ``lr_by_architecture``).
         ipcs: images per class; set as ``data.ipc`` (or filled into ``synthetic_dir``).
-        selectors: patch selectors; set as ``data.selector`` (or filled into ``synthetic_dir``).
+        methods: the methods whose sets the students learn from (``patchdd methods`` lists them): a selection
+            method is set as ``data.selector`` (the set is built from the store), any method is filled into
+            ``synthetic_dir``.
         seeds: random initialisations per cell; the tables show mean ± std over them.
         batch_size: an int, ``rded`` (RDED's rule, applied by the data module from the cell's IPC and class
             count: the rule a single ``fit`` uses too) or ``base`` (the base config's).
-        synthetic_dir: exported sets instead of a store, a template with ``{ipc}`` / ``{selector}``
-            (e.g. ``runs/distill/woof/{selector}/ipc{ipc}``).
+        synthetic_dir: exported sets instead of a store, a template with ``{ipc}`` / ``{method}``
+            (e.g. ``runs/distill/woof/{method}/ipc{ipc}``; ``{selector}`` is the old spelling of ``{method}``).
         overrides: dotted keys applied to every cell, e.g. ``{"trainer.max_epochs": 300}``.
         gpus: GPU ids; each group of ``devices_per_cell`` runs one cell at a time (None: cells one by one,
             devices as the base config says).
@@ -408,7 +416,11 @@ def matrix(
         idc_config: the settings of the ``idc`` protocol's cells, stacked on ``base``; their epochs follow IDC's
             rule by IPC and class count (:func:`patchdd.training.kd.idc_epochs`) unless ``overrides`` set
             ``trainer.max_epochs``.
+        selectors: the old spelling of ``methods`` (accepted for one release, with a note).
     """
+    if selectors is not None:
+        deprecated("selectors", "methods")
+        methods = selectors
     if launcher == "inline" and gpus is not None:
         raise ValueError("launcher='inline' runs cells one by one in this process; use 'subprocess' with gpus")
     if not students or (not teachers and any(p not in HARD_LABEL_PROTOCOLS for p in protocols)):
@@ -417,10 +429,10 @@ def matrix(
     missing = [path for path in bases if not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(f"base config(s) not found: {missing} (relative paths start at {Path.cwd()})")
-    check_prerequisites(teachers, ipcs, selectors, synthetic_dir)
+    check_prerequisites(teachers, ipcs, methods, synthetic_dir)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells = plan_cells(out_dir, teachers, students, ipcs, selectors, seeds, protocols)
+    cells = plan_cells(out_dir, teachers, students, ipcs, methods, seeds, protocols)
     devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
     cell_bases = [bases + [packaged_path(idc_config)] if cell.protocol == "idc" else bases for cell in cells]
     settings = [cell_overrides(cell, None if batch_size == "base" or cell.protocol == "idc" else batch_size,
@@ -477,7 +489,7 @@ def matrix(
     main = [row for row in finished if row["protocol"] == table_protocol]
     write_markdown(out_dir / "matrix.md", main, teacher_names, student_names, title)
     write_heatmap(out_dir / "matrix.png", main, teacher_names, student_names, heatmap_metric, title)
-    if len(protocols) > 1 or RANDOM_REAL in selectors:
+    if len(protocols) > 1 or RANDOM_REAL in methods:
         reference = {s.title: full_data_accuracy(full_data, s.name, s.kwargs, s.title) for s in students} \
             if full_data is not None else {}
         for name, accuracy in reference.items():
@@ -496,15 +508,15 @@ class CellsFailedError(PatchDDError, RuntimeError):
     """Some cells of a matrix failed (the others finished; the tables are written)."""
 
 
-def check_prerequisites(teachers: list[TeacherSpec], ipcs: list[int], selectors: list[str],
+def check_prerequisites(teachers: list[TeacherSpec], ipcs: list[int], methods: list[str],
                         synthetic_dir: str | None) -> None:
     """Name every missing input in one error before any cell starts: teacher checkpoints and exported sets."""
     missing = [f"teacher checkpoint {t.checkpoint} (train one: patchdd fit -c configs/teacher/...)"
                for t in teachers if t.checkpoint and not has_checkpoint(t.checkpoint)]
     if synthetic_dir is not None:
-        sets = sorted({synthetic_dir.format(ipc=i, selector=s) for i in ipcs for s in selectors})
+        sets = sorted({set_folder(synthetic_dir, i, m) for i in ipcs for m in methods})
         missing += [f"synthetic set {path} (make it: patchdd distill ... --out {Path(path).parent}; the toy sets: "
-                    "make demo writes runs/demo/syn/<selector>/ipc<N>)" for path in sets if not Path(path).is_dir()]
+                    "make demo writes runs/demo/syn/<method>/ipc<N>)" for path in sets if not Path(path).is_dir()]
     if missing:
         raise FileNotFoundError("the matrix needs what is missing: " + "; ".join(missing)
                                 + " (the toy configs read what `make demo` writes: run it first)")
@@ -519,7 +531,7 @@ def idc_length(cell: Cell, synthetic_dir: str | None, overrides: dict) -> dict:
     if synthetic_dir is None:
         raise ValueError("the idc protocol reads the class count from exported sets (synthetic_dir); with a store, "
                          "set overrides: {trainer.max_epochs: N} (IDC's rule: patchdd.training.kd.idc_epochs)")
-    classes = synthetic_classes(synthetic_dir.format(ipc=cell.ipc, selector=cell.selector))
+    classes = synthetic_classes(set_folder(synthetic_dir, cell.ipc, cell.selector))
     return {"trainer.max_epochs": idc_epochs(cell.ipc, len(classes))}
 
 

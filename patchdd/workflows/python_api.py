@@ -40,7 +40,7 @@ def score(data_root: str, prior: str, out: str, classes: str | Sequence[str] | N
             str(out)]
     if classes is not None:
         listed = classes if isinstance(classes, str) else ",".join(classes)
-        args += ["--data.data.init_args.classes", listed]
+        args += ["--data.classes", listed]
     run_trainer_command(args + option_args(options))
     return ScoreStore.open(out)
 
