@@ -1,0 +1,160 @@
+"""Every command the README and the docs show is tested.
+
+* Every ``patchdd`` / ``python cli.py`` command of every ``bash`` block is parsed by its own parser
+  (``--print_config``: options, configs and values checked, nothing run); ``make`` targets and bench scripts exist.
+* The README's GPU quickstart runs end to end, in its order and with its paths, on the CPU through the substitution
+  table below: a step that cannot find what an earlier step wrote fails here, as it would for a user.
+
+A block that cannot run here is marked in the Markdown, right before it, with ``<!-- doc-test: skip (reason) -->``;
+the marks are counted against a budget.
+
+The substitution table (GPU-sized -> CPU-sized, every path kept):
+
+| where | substitution |
+| --- | --- |
+| ``/data/imagenet`` | a generated ImageNet-shaped folder: the 10 ImageNette wnids, 3 training and 1 validation JPEG of 500 x 375 each |
+| ``configs/score/sd15_imagenet.yaml`` | the tiny SD prior of ``tests/tiny_sd.py``; scored at 64 px, 16 px patches, 15 kept per image (IPC 10 needs 40 per class from 3 images), 1 draw, CPU, fp32 |
+| ``configs/distill/paper.yaml`` | 64 px synthetic images, 4 clusters, no check of the paper's scoring settings |
+| ``configs/teacher/imagenet_subset_resnet18.yaml`` | 1 epoch at 64 px, batch 8, CPU, fp32 |
+| ``configs/student/rded_defaults.yaml`` | 1 epoch at 64 px, CPU, fp32, no loader workers, the teacher gate off (a teacher of random pixels is at chance) |
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patchdd import cli
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+SKIP_MARK = re.compile(r"<!-- doc-test: skip \((.+?)\) -->\s*$")
+SKIP_BUDGET = 4
+NOT_SUITE_COMMANDS = ("pip", ".venv/bin/pip", "python3", "export", "cd", "srun", "sbatch")
+
+
+@dataclass
+class Block:
+    page: str
+    line: int
+    commands: list[list[str]]
+    skip: str | None
+
+    def __str__(self) -> str:
+        return f"{self.page}:{self.line}"
+
+
+def shell_blocks() -> list[Block]:
+    """Every ```` ```bash ```` block of README.md and docs/, as commands (continuations joined, comments dropped)."""
+    blocks = []
+    for page in PAGES:
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() != "```bash":
+                continue
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+            text = "\n".join(lines[i + 1:end]).replace("\\\n", " ")
+            commands = [shlex.split(row, comments=True) for row in text.splitlines()]
+            mark = SKIP_MARK.match(lines[i - 1].strip()) if i else None
+            blocks.append(Block(str(page.relative_to(REPO)), i + 1, [c for c in commands if c],
+                                mark.group(1) if mark else None))
+    return blocks
+
+
+def suite_args(command: list[str]) -> list[str] | None:
+    """The arguments of a ``patchdd`` command (``patchdd ...``, ``python cli.py ...``), else None."""
+    if command[0] == "patchdd":
+        return command[1:]
+    if command[:2] == ["python", "cli.py"]:
+        return command[2:]
+    return None
+
+
+BLOCKS = shell_blocks()
+
+
+def test_the_skip_marks_stay_within_their_budget() -> None:
+    skipped = [f"{block}: {block.skip}" for block in BLOCKS if block.skip]
+    assert len(skipped) <= SKIP_BUDGET, skipped
+    assert len(BLOCKS) > 15  # the collector finds the docs' blocks
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if not b.skip], ids=str)
+def test_every_command_of_a_block_parses(block: Block, capsys) -> None:
+    makefile = (REPO / "Makefile").read_text()
+    for command in block.commands:
+        args = suite_args(command)
+        if command[0] == "make":
+            assert re.search(rf"^{re.escape(command[1])}:", makefile, re.M), f"{block}: no make target {command[1]}"
+        elif command[0] == "python" and command[1].startswith("bench/"):
+            assert (REPO / command[1]).is_file(), f"{block}: no script {command[1]}"
+        elif args is None:
+            assert command[0] in NOT_SUITE_COMMANDS, f"{block}: {shlex.join(command)} is not a command of the suite"
+        elif "--help" not in args and not any(a.endswith(".help") for a in args):
+            with pytest.raises(SystemExit) as done:
+                cli.main([*args, "--print_config"])
+            error = capsys.readouterr().err
+            assert done.value.code in (0, None), f"{block}: {shlex.join(command)}\n{error}"
+
+
+# --- the README's GPU quickstart, end to end on the CPU ----------------------------------------------------------
+SUBSTITUTIONS = {
+    "configs/score/sd15_imagenet.yaml": ["--model.prior", "{tiny_sd}", "--data.image_size", "64",
+                                         "--data.bucket_multiple", "32", "--model.patch_size", "16", "--model.top_k",
+                                         "15", "--model.num_draws", "1", "--model.dift_ensemble", "1",
+                                         "--data.batch_size", "4", "--data.num_workers", "0",
+                                         "--trainer.accelerator", "cpu", "--trainer.precision", "32-true"],
+    "configs/distill/paper.yaml": ["--synthesis.layout.output_size", "64", "--synthesis.expect_settings", "null",
+                                   "--synthesis.clustering.num_clusters", "4", "--synthesis.clustering.top_clusters", "2", "--progress", "false"],
+    "configs/teacher/imagenet_subset_resnet18.yaml": ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+                                                      "--trainer.precision", "32-true", "--data.image_size", "64",
+                                                      "--data.batch_size", "8", "--data.num_workers", "0",
+                                                      "--model.warmup_steps", "1", "--trainer.enable_progress_bar",
+                                                      "false"],
+    "configs/student/rded_defaults.yaml": ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+                                           "--trainer.precision", "32-true", "--model.augment.image_size", "64",
+                                           "--data.real.init_args.image_size", "64",
+                                           "--data.real.init_args.eval_resize", "72",
+                                           "--data.real.init_args.num_workers", "0", "--model.min_teacher_top1", "0",
+                                           "--trainer.enable_progress_bar", "false"],
+}
+
+
+def imagenet_shaped(root: Path, wnids: tuple[str, ...], train: int = 3, val: int = 1) -> Path:
+    """``root/{train,val}/<wnid>/*.JPEG``, 500 x 375 (ImageNet's most common size), random pixels."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for wnid in wnids:
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / wnid / f"{wnid}_{i}.JPEG", quality=90)
+    return root
+
+
+def substituted(args: list[str], data_root: Path, tiny_sd: Path) -> list[str]:
+    """A command's arguments on the CPU: the data root replaced, each config's extra options appended."""
+    args = [str(data_root) if arg == "/data/imagenet" else arg for arg in args]
+    extra = [value.format(tiny_sd=tiny_sd) for i, arg in enumerate(args[:-1]) if arg in ("-c", "--config")
+             for value in SUBSTITUTIONS.get(args[i + 1], [])]
+    return args + extra
+
+
+def test_the_readme_gpu_quickstart_runs_in_its_order(prior_dir, tmp_path, monkeypatch) -> None:
+    from patchdd.data.subsets import PRESETS
+
+    quickstart = next(b for b in BLOCKS if b.page == "README.md")
+    data_root = imagenet_shaped(tmp_path / "imagenet", PRESETS["imagenette"])
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # every relative path of the recipe lands here
+    for command in quickstart.commands:
+        cli.main(substituted(suite_args(command), data_root, prior_dir))
+    summaries = list(Path("runs/student/imagenette").rglob("summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["epochs"] == 1
