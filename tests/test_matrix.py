@@ -97,7 +97,7 @@ def check_matrix_run(tmp_path: Path, launcher: str) -> None:
 
     changed = matrix_config(tmp_path, base_config(tmp_path), epochs=2)  # a changed config: no stale reuse
     third = run_matrix(changed, out, launcher, returncode=1).stdout
-    assert "finished before" not in third and "4 cell(s) had run with another config" in third
+    assert "finished before" not in third and "4 cell(s) had run with another config or other inputs" in third
     good = out / "ipc2" / "random" / "T-good__S-d1"
     assert json.loads((good / "seed0" / "summary.json").read_text())["epochs"] == 2
     assert len(list(good.glob("seed0.stale-*"))) == 1  # the 1-epoch result is kept beside, not mixed in
@@ -275,3 +275,69 @@ def test_woof_methods_config_judges_every_method_of_the_suite(tmp_path):
                                                            "--out", str(tmp_path)]))
     assert config.protocols == ["soft_aug"] and config.ipcs == [10, 50, 100] and len(config.seeds) == 5
     assert set(config.methods) == {"diffusion", "rded", "random_real", "dit", "d3hr", "minimax", "memory", "d4m"}
+
+
+# --- cells that know their inputs; one controller per OUT --------------------------------------------------------
+def inputs_matrix(tmp_path: Path, out: Path) -> list[dict]:
+    from patchdd.workflows.matrix import matrix
+
+    matrix(str(out), [str(tmp_path / "base.yaml")],
+           teachers=[TeacherSpec("convnet_d2", checkpoint=str(tmp_path / "teacher.pt"), kwargs={"width": 8})],
+           students=[StudentSpec("convnet_d1", kwargs={"width": 8})], ipcs=[2], methods=["random", "diffusion"],
+           synthetic_dir=str(tmp_path / "syn" / "{method}" / "ipc{ipc}"), launcher="inline")
+    return list(csv.DictReader((out / "results.csv").open()))
+
+
+def write_teacher(path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.save(build_model("convnet_d2", len(CLASSES), image_size=SIZE, width=8).state_dict(), path)
+
+
+def test_a_changed_input_reruns_exactly_the_cells_that_used_it(tmp_path, capsys):
+    write_real_folder(tmp_path / "real", per_class=2, seed=0)
+    for method in ("random", "diffusion"):
+        write_synthetic_export(tmp_path / "syn" / method / "ipc2", ipc=2)
+    write_teacher(tmp_path / "teacher.pt", seed=0)
+    base_config(tmp_path)
+    out = tmp_path / "out"
+    first = inputs_matrix(tmp_path, out)
+    assert [r["set_method"] for r in first] == ["random", "random"] and len({r["set_identity"] for r in first}) == 1
+    capsys.readouterr()
+
+    base = tmp_path / "base.yaml"
+    base.write_text("# a comment changes no value\n" + base.read_text())
+    inputs_matrix(tmp_path, out)
+    assert "2/2 cells finished before, skipped" in capsys.readouterr().out
+
+    rded = tmp_path / "syn" / "diffusion" / "ipc2"  # re-distilled with another method at the same path
+    info = json.loads((rded / "synthetic.json").read_text())
+    (rded / "synthetic.json").write_text(json.dumps(info | {"selector": "rded"}))
+    rows = inputs_matrix(tmp_path, out)
+    printed = capsys.readouterr().out
+    assert "1/2 cells finished before, skipped" in printed and "(IPC 2, diffusion)" in printed
+    assert "(IPC 2, random)" not in printed.split("skipped")[1]
+    assert {r["selector"]: r["set_method"] for r in rows} == {"random": "random", "diffusion": "rded"}
+    assert len(list((out / "ipc2" / "diffusion").glob("*/seed0.stale-*"))) == 1  # the old result kept beside
+
+    write_teacher(tmp_path / "teacher.pt", seed=1)  # the teacher replaced: every cell it taught reruns
+    inputs_matrix(tmp_path, out)
+    assert "finished before" not in capsys.readouterr().out
+
+
+def test_two_controllers_started_together_neither_crash_nor_run_a_cell_twice(tmp_path):
+    write_real_folder(tmp_path / "real", per_class=2, seed=0)
+    write_synthetic_export(tmp_path / "syn" / "ipc2", ipc=2)
+    config = yaml.safe_load(matrix_config(tmp_path, base_config(tmp_path)).read_text())
+    config["teachers"] = config["teachers"][:1]
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, str(REPO / "cli.py"), "matrix", "-c", str(tmp_path / "one.yaml"), "--out",
+               str(tmp_path / "out"), "--launcher", "inline"]
+    runs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate() for run in runs]
+    for (stdout, stderr), run in zip(outputs, runs):
+        assert "JSONDecodeError" not in stderr and "Traceback" not in stderr
+        assert run.returncode == 0 or "OutputBusyError" in stderr and "is being written by pid" in stderr, stderr
+    trained = sum(stdout.count("cell 1/2:") + stdout.count("cell 2/2:") for stdout, _ in outputs)
+    assert trained == 2  # each cell once, by whichever controller held OUT
+    assert len(list(csv.DictReader((tmp_path / "out" / "results.csv").open()))) == 2

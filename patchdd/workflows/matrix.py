@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import queue
@@ -30,10 +31,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import yaml
 from tqdm.auto import tqdm
 
 from patchdd.errors import PatchDDError, one_line
-from patchdd.formats.synthetic_folder import synthetic_classes
+from patchdd.formats.outputs import exclusive_output
+from patchdd.formats.stores import MANIFEST_FILE, atomic_write_text
+from patchdd.formats.synthetic_folder import INFO_FILE, synthetic_classes
 from patchdd.lightning_modules.student import SUMMARY_FILE
 from patchdd.training.kd import idc_epochs
 from patchdd.training.zoo import find_run_checkpoint
@@ -43,7 +47,8 @@ from patchdd.workflows.panel import RANDOM_REAL, FullDataSpec, full_data_accurac
 from patchdd.workflows.runs import fit_arguments, format_cell, seed_statistics, slug
 
 RESULT_COLUMNS = ["teacher", "student", "ipc", "selector", "protocol", "seed", "final_top1", "final_top5",
-                  "best_top1", "best_epoch", "status", "error", "seconds", "peak_memory_mb", "log_dir"]
+                  "best_top1", "best_epoch", "status", "error", "seconds", "peak_memory_mb", "set_method",
+                  "set_identity", "log_dir"]
 # How a cell trains its student: the teacher's soft labels or the set's hard labels, with RDED's augmentation or
 # none (Resize + Normalize). soft_aug is the protocol; the others are the fairness panel's variants; idc is IDC's
 # hard-label protocol (cross-entropy with CutMix, SGD, multi-step schedule, epochs by IPC), which Minimax and seed
@@ -53,7 +58,7 @@ MAIN_PROTOCOL = "soft_aug"
 HARD_LABEL_PROTOCOLS = ("hard_aug", "hard_noaug", "idc")  # no teacher: one row per student
 Metric = Literal["final_top1", "best_top1"]
 Launcher = Literal["subprocess", "inline"]
-IDENTITY_FILE = "cell.json"  # the hash of the config a cell ran with
+IDENTITY_FILE = "cell.json"  # the hash of the config and the inputs a cell ran with
 RESUMABLE_LOGGER = "patchdd.datamodules.callbacks.ResumableCSVLogger"  # a resumed cell appends to metrics.csv
 
 
@@ -205,18 +210,21 @@ def run_inline(args: list[str], log_file: Path) -> str | None:
     return None
 
 
-def result_row(cell: Cell, outcome: dict) -> dict:
+def result_row(cell: Cell, outcome: dict, set_info: dict) -> dict:
+    """A ``results.csv`` row: the cell, its outcome, and the method and identity of the set it learned from."""
     row = {"teacher": cell.teacher.title, "student": cell.student.title, "ipc": cell.ipc, "selector": cell.selector,
-           "protocol": cell.protocol, "seed": cell.seed, "log_dir": str(cell.directory)}
+           "protocol": cell.protocol, "seed": cell.seed, "log_dir": str(cell.directory), **set_info}
     row.update({key: outcome.get(key) for key in RESULT_COLUMNS if key not in row})
     return row
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in RESULT_COLUMNS} for row in rows)
+    """``results.csv``, written beside and renamed into place."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, RESULT_COLUMNS)
+    writer.writeheader()
+    writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in RESULT_COLUMNS} for row in rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def aggregate(rows: list[dict], metric: Metric) -> dict[tuple, tuple[float, float, int, int]]:
@@ -432,76 +440,80 @@ def matrix(
     check_prerequisites(teachers, ipcs, methods, synthetic_dir)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells = plan_cells(out_dir, teachers, students, ipcs, methods, seeds, protocols)
-    devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
-    cell_bases = [bases + [packaged_path(idc_config)] if cell.protocol == "idc" else bases for cell in cells]
-    settings = [cell_overrides(cell, None if batch_size == "base" or cell.protocol == "idc" else batch_size,
-                               synthetic_dir, devices, idc_length(cell, synthetic_dir, overrides) | overrides)
-                for cell in cells]
-    identities = [cell_identity(paths, values) for paths, values in zip(cell_bases, settings)]
-    rows: list[dict | None] = [None] * len(cells)
-    pending: queue.Queue = queue.Queue()
-    stale = 0
-    for index, cell in enumerate(cells):
-        if cell.directory.exists() and read_identity(cell.directory) != identities[index]:
-            set_aside(cell.directory)  # run with another config: kept beside, never mixed in
-            stale += 1
-        summary = read_summary(cell.directory)
-        if summary is not None:
-            rows[index] = result_row(cell, {"status": "done", "error": "", **summary})
-        else:
-            pending.put(index)
-    if pending.qsize() < len(cells):
-        print(f"{len(cells) - pending.qsize()}/{len(cells)} cells finished before, skipped", flush=True)
-    if stale:
-        print(f"{stale} cell(s) had run with another config: set aside as <cell>.stale-*, rerun", flush=True)
-    progress = tqdm(total=pending.qsize(), desc="cells", unit="cell", disable=None, leave=False)
-
-    def worker(slot: list[int] | None) -> None:
-        while True:
-            try:
-                index = pending.get_nowait()
-            except queue.Empty:
-                return
-            cell = cells[index]
-            where = f" on GPU {','.join(map(str, slot))}" if slot else ""
-            last = cell.directory / "checkpoints" / "last.ckpt"
-            resume = last.is_file()
-            values = settings[index]
-            if resume:  # the cut run's metrics.csv is continued, not replaced
-                values = values | {"trainer.logger": values["trainer.logger"] | {"class_path": RESUMABLE_LOGGER}}
-            write_identity(cell.directory, identities[index])
-            outcome = run_cell(cell, fit_arguments(cell_bases[index], values, last if resume else None), slot,
-                               launcher)
-            rows[index] = result_row(cell, outcome)
-            progress.write(f"cell {index + 1}/{len(cells)}: {cell.describe()}{where}: {describe_outcome(outcome)}")
-            progress.update()
-
-    with sigterm_exits():
-        run_workers(worker, device_slots(gpus, devices_per_cell))
-    progress.close()
-    finished = [row for row in rows if row is not None]
-    table_protocol = protocols[0]  # matrix.md and matrix.png show the first protocol
-    teacher_names = [NO_TEACHER.title] if table_protocol in HARD_LABEL_PROTOCOLS else \
-        list(dict.fromkeys(t.title for t in teachers))
-    student_names = list(dict.fromkeys(s.title for s in students))
-    write_results(out_dir / "results.csv", finished)
-    main = [row for row in finished if row["protocol"] == table_protocol]
-    write_markdown(out_dir / "matrix.md", main, teacher_names, student_names, title)
-    write_heatmap(out_dir / "matrix.png", main, teacher_names, student_names, heatmap_metric, title)
-    if len(protocols) > 1 or RANDOM_REAL in methods:
-        reference = {s.title: full_data_accuracy(full_data, s.name, s.kwargs, s.title) for s in students} \
-            if full_data is not None else {}
-        for name, accuracy in reference.items():
-            print(f"full-data student {name}: final top-1 {100 * accuracy:.1f} % (cached in {full_data.cache_dir})",
+    with exclusive_output(out_dir):  # one controller per OUT: a second fails at once naming the first
+        cells = plan_cells(out_dir, teachers, students, ipcs, methods, seeds, protocols)
+        devices = devices_per_cell if gpus is not None or devices_per_cell != 1 else None
+        cell_bases = [bases + [packaged_path(idc_config)] if cell.protocol == "idc" else bases for cell in cells]
+        settings = [cell_overrides(cell, None if batch_size == "base" or cell.protocol == "idc" else batch_size,
+                                   synthetic_dir, devices, idc_length(cell, synthetic_dir, overrides) | overrides)
+                    for cell in cells]
+        inputs = InputIdentities()
+        sets = [inputs.of_set(paths, values) for paths, values in zip(cell_bases, settings)]
+        identities = [cell_identity(paths, values, inputs) for paths, values in zip(cell_bases, settings)]
+        rows: list[dict | None] = [None] * len(cells)
+        pending: queue.Queue = queue.Queue()
+        stale = 0
+        for index, cell in enumerate(cells):
+            if cell.directory.exists() and read_identity(cell.directory) != identities[index]:
+                set_aside(cell.directory)  # run with another config: kept beside, never mixed in
+                stale += 1
+            summary = read_summary(cell.directory)
+            if summary is not None:
+                rows[index] = result_row(cell, {"status": "done", "error": "", **summary}, sets[index])
+            else:
+                pending.put(index)
+        if pending.qsize() < len(cells):
+            print(f"{len(cells) - pending.qsize()}/{len(cells)} cells finished before, skipped", flush=True)
+        if stale:
+            print(f"{stale} cell(s) had run with another config or other inputs: set aside as <cell>.stale-*, rerun",
                   flush=True)
-        write_panel(out_dir, finished, reference, title)
-    failed = sum(row["status"] == "failed" for row in finished)
-    print(f"{len(finished) - failed}/{len(cells)} cells finished, {failed} failed; results in {out_dir}", flush=True)
-    if failed:
-        raise CellsFailedError(f"{failed} of {len(cells)} cells failed (errors in {out_dir / 'results.csv'}; "
-                               "the tables hold the others)")
-    return out_dir
+        progress = tqdm(total=pending.qsize(), desc="cells", unit="cell", disable=None, leave=False)
+
+        def worker(slot: list[int] | None) -> None:
+            while True:
+                try:
+                    index = pending.get_nowait()
+                except queue.Empty:
+                    return
+                cell = cells[index]
+                where = f" on GPU {','.join(map(str, slot))}" if slot else ""
+                last = cell.directory / "checkpoints" / "last.ckpt"
+                resume = last.is_file()
+                values = settings[index]
+                if resume:  # the cut run's metrics.csv is continued, not replaced
+                    values = values | {"trainer.logger": values["trainer.logger"] | {"class_path": RESUMABLE_LOGGER}}
+                write_identity(cell.directory, identities[index])
+                outcome = run_cell(cell, fit_arguments(cell_bases[index], values, last if resume else None), slot,
+                                   launcher)
+                rows[index] = result_row(cell, outcome, sets[index])
+                progress.write(f"cell {index + 1}/{len(cells)}: {cell.describe()}{where}: {describe_outcome(outcome)}")
+                progress.update()
+
+        with sigterm_exits():
+            run_workers(worker, device_slots(gpus, devices_per_cell))
+        progress.close()
+        finished = [row for row in rows if row is not None]
+        table_protocol = protocols[0]  # matrix.md and matrix.png show the first protocol
+        teacher_names = [NO_TEACHER.title] if table_protocol in HARD_LABEL_PROTOCOLS else \
+            list(dict.fromkeys(t.title for t in teachers))
+        student_names = list(dict.fromkeys(s.title for s in students))
+        write_results(out_dir / "results.csv", finished)
+        main = [row for row in finished if row["protocol"] == table_protocol]
+        write_markdown(out_dir / "matrix.md", main, teacher_names, student_names, title)
+        write_heatmap(out_dir / "matrix.png", main, teacher_names, student_names, heatmap_metric, title)
+        if len(protocols) > 1 or RANDOM_REAL in methods:
+            reference = {s.title: full_data_accuracy(full_data, s.name, s.kwargs, s.title) for s in students} \
+                if full_data is not None else {}
+            for name, accuracy in reference.items():
+                print(f"full-data student {name}: final top-1 {100 * accuracy:.1f} % (cached in {full_data.cache_dir})",
+                      flush=True)
+            write_panel(out_dir, finished, reference, title)
+        failed = sum(row["status"] == "failed" for row in finished)
+        print(f"{len(finished) - failed}/{len(cells)} cells finished, {failed} failed; results in {out_dir}", flush=True)
+        if failed:
+            raise CellsFailedError(f"{failed} of {len(cells)} cells failed (errors in {out_dir / 'results.csv'}; "
+                                   "the tables hold the others)")
+        return out_dir
 
 
 class CellsFailedError(PatchDDError, RuntimeError):
@@ -540,23 +552,138 @@ def has_checkpoint(path: str) -> bool:
     return Path(path).is_file() or find_run_checkpoint(path) is not None
 
 
-def cell_identity(bases: list[str], values: dict) -> str:
-    """A hash of what decides a cell's result: the base config files' text and the cell's overrides."""
-    digest = hashlib.sha256()
+def merged_config(bases: list[str], values: dict) -> dict:
+    """The cell's config as values: the base YAML files loaded and merged in order (comments and layout do not
+    count, values do), then the cell's dotted overrides."""
+    config: dict = {}
     for path in bases:
-        digest.update(Path(path).read_bytes())
-    digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+        deep_merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    for key, value in values.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def deep_merge(into: dict, update: dict) -> None:
+    """``update`` merged into ``into`` (nested dicts key by key, other values replaced)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def config_value(config: dict, key: str):
+    """The value at a dotted key of a nested config (``None`` when absent)."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+class InputIdentities:
+    """The identity of a cell's inputs, each computed once per matrix run: the synthetic set (its
+    ``synthetic.json``, provenance table and image files' names and sizes; or the score store's content hash, the
+    synthesis options being in the config) and the teacher checkpoint (size, modification time and a hash of its
+    first and last MiB)."""
+
+    def __init__(self) -> None:
+        self.known: dict[tuple[str, str], dict] = {}
+
+    def of_set(self, bases: list[str], values: dict) -> dict:
+        """``{"set_method", "set_identity"}`` of the cell's set."""
+        config = merged_config(bases, values)
+        folder = config_value(config, "data.init_args.synthetic_dir")
+        store = config_value(config, "data.init_args.store")
+        if folder:
+            return self.cached("set", folder, lambda: set_identity(Path(folder)))
+        if store:
+            return self.cached("store", store, lambda: {"set_method": config_value(
+                config, "data.init_args.synthesis.selector") or "", "set_identity": store_identity(Path(store))})
+        return {"set_method": "", "set_identity": ""}
+
+    def of_teacher(self, bases: list[str], values: dict) -> str:
+        checkpoint = config_value(merged_config(bases, values), "model.init_args.teacher_checkpoint")
+        if not checkpoint:
+            return ""
+        return self.cached("teacher", checkpoint, lambda: {"id": checkpoint_identity(checkpoint)})["id"]
+
+    def cached(self, kind: str, key: str, compute) -> dict:
+        if (kind, key) not in self.known:
+            self.known[kind, key] = compute()
+        return self.known[kind, key]
+
+
+def set_identity(folder: Path) -> dict:
+    """The method an exported set records and a hash of its description and files (names and sizes)."""
+    if not folder.is_dir():
+        return {"set_method": "", "set_identity": "missing"}
+    digest = hashlib.sha256()
+    info = folder / INFO_FILE
+    method = ""
+    if info.is_file():
+        digest.update(info.read_bytes())
+        recorded = json.loads(info.read_text())
+        method = str(recorded.get("method") or recorded.get("selector") or "")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
+        if path.suffix == ".parquet":
+            digest.update(path.read_bytes())
+    return {"set_method": method, "set_identity": digest.hexdigest()[:16]}
+
+
+def store_identity(store: Path) -> str:
+    """A score store's content hash (``missing`` when there is none yet)."""
+    from patchdd.formats.score_store import ScoreStore
+
+    return ScoreStore.open(store).content_hash() if (store / MANIFEST_FILE).is_file() else "missing"
+
+
+def checkpoint_identity(checkpoint: str) -> str:
+    """Size, modification time and a hash of the first and last MiB of a teacher checkpoint (a run folder: its
+    ``best.ckpt``)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = find_run_checkpoint(checkpoint) or path
+    if not path.is_file():
+        return "missing"
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(MIB))
+        handle.seek(max(0, stat.st_size - MIB))
+        digest.update(handle.read(MIB))
     return digest.hexdigest()[:16]
+
+
+MIB = 2**20
+
+
+def cell_identity(bases: list[str], values: dict, inputs: InputIdentities) -> str:
+    """A hash of what decides a cell's result: its config as values and its inputs' identities."""
+    record = {"config": merged_config(bases, values), "set": inputs.of_set(bases, values),
+              "teacher": inputs.of_teacher(bases, values)}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_identity(directory: Path) -> str | None:
     path = directory / IDENTITY_FILE
-    return json.loads(path.read_text()).get("identity") if path.is_file() else None
+    try:
+        return json.loads(path.read_text()).get("identity") if path.is_file() else None
+    except ValueError:  # a state file of an older release written in place and cut: not this cell's identity
+        return None
 
 
 def write_identity(directory: Path, identity: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / IDENTITY_FILE).write_text(json.dumps({"identity": identity}) + "\n")
+    atomic_write_text(directory / IDENTITY_FILE, json.dumps({"identity": identity}) + "\n")
 
 
 def set_aside(directory: Path) -> None:
