@@ -41,9 +41,10 @@ class DistilledDataModule(L.LightningDataModule):
         synthesis: how the set is made from the store: the method (``selector``), layout, clustering, RDED's
             teacher, seed (:class:`~patchdd.methods.registry.SynthesisOptions`).
         real: the real data module whose validation split evaluates the student (its ``classes`` is set here).
-        batch_size: training batch size, or ``rded``: RDED's rule from the IPC and the class count (10 / 50 / 100
-            from IPC 1 / 10 / 50, doubled for 100+ classes, at most IPC x classes), the one rule ``fit`` and
-            ``matrix`` share.
+        batch_size: the GLOBAL training batch size, or ``rded``: RDED's rule from the IPC and the class count (10 /
+            50 / 100 from IPC 1 / 10 / 50, doubled for 100+ classes, at most IPC x classes), the one rule ``fit``
+            and ``matrix`` share. Under DDP each of W ranks takes ``batch_size // W`` (an error when W does not
+            divide it), so the protocol's batch and learning rate hold whatever the device count.
         num_workers: loader worker processes.
         augment_in_workers: augment per sample in the loader workers (the CPU path) instead of on the device.
         augment: the per-sample augmentation for ``augment_in_workers`` (give it the student's values).
@@ -111,14 +112,26 @@ class DistilledDataModule(L.LightningDataModule):
                                               self.synthesis)
         return synthetic
 
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    @property
+    def device_batch_size(self) -> int:
+        """The batch each rank takes: the global batch over the world size."""
+        if self.batch_size % self.world_size:
+            raise ValueError(f"the global batch size {self.batch_size} does not divide over {self.world_size} devices "
+                             "(each rank takes batch_size // devices): choose a device count that divides it")
+        return self.batch_size // self.world_size
+
     def train_dataloader(self) -> DataLoader:
         if self.synthetic_set is None:
             raise RuntimeError("call setup() before train_dataloader()")
         workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
         if self.augment_in_workers:
             dataset = AugmentedImages(self.synthetic_set, per_sample_transform(self.synthetic_set.grid, self.augment))
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, **workers)
-        return DataLoader(SyntheticBatches(self.synthetic_set), batch_size=self.batch_size, shuffle=True,
+            return DataLoader(dataset, batch_size=self.device_batch_size, shuffle=True, **workers)
+        return DataLoader(SyntheticBatches(self.synthetic_set), batch_size=self.device_batch_size, shuffle=True,
                           collate_fn=already_batched, **workers)
 
     def val_dataloader(self):

@@ -27,11 +27,23 @@ from patchdd.errors import DataError
 from patchdd.datamodules.resumable import ResumableLoader
 
 
+def rank_zero_log_dir(trainer) -> Path | None:
+    """The run's log directory on global rank 0 (``None`` elsewhere, or without a trainer or a directory), read
+    from the logger itself: ``Trainer.log_dir`` is a broadcast that every rank must join, and a rank-0-only call
+    of it stalls a DDP run."""
+    if trainer is None or not trainer.is_global_zero:
+        return None
+    loggers = trainer.loggers
+    directory = (loggers[0].log_dir if hasattr(loggers[0], "log_dir") else loggers[0].save_dir) if loggers \
+        else trainer.default_root_dir
+    return Path(directory) if directory is not None else None
+
+
 def save_class_mapping(trainer, mapping: ClassMapping) -> None:
     """Write ``class_mapping.json`` into the run's log directory (rank 0 only; no-op without a trainer)."""
-    if trainer is None or trainer.log_dir is None or not trainer.is_global_zero:
+    log_dir = rank_zero_log_dir(trainer)
+    if log_dir is None:
         return
-    log_dir = Path(trainer.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     mapping.save(log_dir / CLASS_MAPPING_FILE)
 

@@ -18,6 +18,7 @@ import torch
 
 from patchdd.data.sources import teacher_class_folders, teacher_output_positions
 from patchdd.errors import DataError
+from patchdd.datamodules.real import rank_zero_log_dir
 from patchdd.lightning_modules.classifier import RealValidation
 from patchdd.training.augment import AugmentOptions, MixMode, augment_batch, mix_batch, mixed_cross_entropy
 from patchdd.training.kd import RDED_TEMPERATURE, Schedule, kd_kl_loss, learning_rate_for, lr_factor
@@ -249,6 +250,7 @@ class FKDStudent(RealValidation, L.LightningModule):
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "epochs": self.current_epoch,
+            "optimizer_steps": self.trainer.global_step,
             "validations": self.validations,
             "teacher": self.hparams.teacher if self.hparams.label_mode == "soft" else None,
             "student": self.hparams.student,
@@ -270,14 +272,16 @@ class FKDStudent(RealValidation, L.LightningModule):
                 raise DataError(f"the teacher's top-1 on the real validation data is {teacher_top1:.3f}, below the "
                                 f"gate {floor:.3f} (twice chance unless min_teacher_top1 says otherwise): wrong "
                                 "weights or wrong classes? (min_teacher_top1=0 accepts it)")
-        if self.trainer.is_global_zero and self.trainer.log_dir is not None:
-            path = Path(self.trainer.log_dir) / PROTOCOL_FILE
+        log_dir = rank_zero_log_dir(self.trainer)
+        if log_dir is not None:
+            path = log_dir / PROTOCOL_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.protocol_card(teacher_top1), indent=1))
 
     def protocol_card(self, teacher_top1: float | None) -> dict:
         """What a result was measured with: teacher and its real-val top-1, student, label mode, optimiser and
-        schedule, augmentation, normalisation, mixing, epochs, batch size, class order, precision."""
+        schedule, augmentation, normalisation, mixing, epochs, the global batch size, the world size and the batch
+        per device, class order, precision."""
         hp, trainer = self.hparams, self.trainer
         datamodule = trainer.datamodule
         return {
@@ -292,13 +296,16 @@ class FKDStudent(RealValidation, L.LightningModule):
             "temperature": self.temperature if hp.label_mode == "soft" else None,
             "epochs": trainer.max_epochs,
             "batch_size": getattr(datamodule, "batch_size", None),
+            "world_size": trainer.world_size,
+            "device_batch_size": getattr(datamodule, "device_batch_size", None),
             "classes": list(datamodule.class_mapping.folders) if hasattr(datamodule, "class_mapping") else None,
             "precision": str(trainer.precision),
         }
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir is not None and not self.trainer.interrupted:
-            path = Path(self.trainer.log_dir) / SUMMARY_FILE
+        log_dir = rank_zero_log_dir(self.trainer)
+        if log_dir is not None and not self.trainer.interrupted:
+            path = log_dir / SUMMARY_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.summary(), indent=1))
 

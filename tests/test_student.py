@@ -347,3 +347,44 @@ def test_cifar_presets_stack_into_rdeds_cifar100_special_case():
     assert model["lr"] == 0.002 and data["batch_size"] == 25  # RDED's CIFAR-100 ConvNet-D3 case
     assert model["student_kwargs"] == {"norm": "batch"} == model["teacher_kwargs"]
     assert data["real"]["class_path"].endswith("CIFARDataModule") and data["real"]["init_args"]["variant"] == "cifar100"
+
+
+def fit_summary(tmp_path: Path, teacher: Path, devices: int) -> tuple[dict, dict]:
+    """(summary.json, protocol.json) of a one-epoch student fit on a 16-image set, global batch 8."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from patchdd.datamodules.distilled import DistilledDataModule
+    from patchdd.datamodules.real import ImageFolderDataModule
+    from patchdd.lightning_modules.student import PROTOCOL_FILE, SUMMARY_FILE
+
+    real = ImageFolderDataModule(str(tmp_path / "real"), image_size=SIZE, eval_resize=SIZE, num_workers=0)
+    data = DistilledDataModule(synthetic_dir=str(tmp_path / "syn" / "ipc4"), real=real, batch_size=8)
+    run = tmp_path / f"devices{devices}"
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=devices,
+                        strategy="ddp_spawn" if devices > 1 else "auto", logger=CSVLogger(run, name="", version=""),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(make_student(teacher, min_teacher_top1=0), data)
+    return json.loads((run / SUMMARY_FILE).read_text()), json.loads((run / PROTOCOL_FILE).read_text())
+
+
+def test_the_batch_size_is_global_under_ddp(tmp_path):
+    """Two CPU ranks take half the batch each: the same optimizer steps per epoch as one rank, the protocol card
+    records the world size and the batch per device; a batch the devices do not divide is a clear error."""
+    from student_helpers import write_real_folder, write_synthetic_export
+
+    write_real_folder(tmp_path / "real", per_class=2, seed=0)
+    write_synthetic_export(tmp_path / "syn" / "ipc4", ipc=4)
+    teacher = train_teacher(tmp_path / "teacher.pt", steps=1)
+    one, one_card = fit_summary(tmp_path, teacher, devices=1)
+    two, two_card = fit_summary(tmp_path, teacher, devices=2)
+    assert one["optimizer_steps"] == two["optimizer_steps"] == 2  # 16 images / global batch 8
+    assert (one_card["batch_size"], one_card["world_size"], one_card["device_batch_size"]) == (8, 1, 8)
+    assert (two_card["batch_size"], two_card["world_size"], two_card["device_batch_size"]) == (8, 2, 4)
+
+    from patchdd.datamodules.distilled import DistilledDataModule
+
+    data = DistilledDataModule(synthetic_dir=str(tmp_path / "syn" / "ipc4"), batch_size=6)
+    data.trainer = SimpleNamespace(world_size=4)
+    with pytest.raises(ValueError, match="global batch size 6 does not divide over 4 devices"):
+        data.device_batch_size
