@@ -1,5 +1,5 @@
 """Training or fine-tuning a class-conditional latent DiT: the toy DiT prior of the generative methods (D3HR, plain
-DiT) and the Minimax / seed-001 fine-tunes (DiffFit, memory regularisers, EMA).
+DiT) and the Minimax / self-adaptive-memory fine-tunes (DiffFit, memory regularisers, EMA).
 
 :class:`DiTDiffusionPrior` trains a ``DiTTransformer2DModel`` with the DDPM epsilon-prediction loss on VAE latents
 of an ImageFolder data module, conditioned on the class label; a fraction of the labels is replaced by the null
@@ -47,16 +47,16 @@ def class_errors(transformer: torch.nn.Module, scheduler, latents: torch.Tensor,
 
 @dataclass
 class MemoryOptions:
-    """Minimax's memory regularisers (``eviction: fifo``) or seed 001's self-adaptive memory (``max_similarity``).
+    """Minimax's memory regularisers (``eviction: fifo``) or the self-adaptive memory of Li et al. (``max_similarity``).
 
     Args:
         lambda_real: weight of the representativeness term, 1 - min cos(x0, real bank).
         lambda_gen: weight of the diversity term, max cos(x0, generated bank).
         real_capacity: vectors per class in the real bank (N_R).
         gen_capacity: vectors per class in the generated bank (N_G).
-        eviction: ``fifo`` (Minimax) or ``max_similarity`` (seed 001).
-        evict_every: ``step`` (the public code) or ``epoch`` (seed 001's paper).
-        legacy_accumulation: seed 001's code's repeated addition of the running sums (off: the terms count once).
+        eviction: ``fifo`` (Minimax) or ``max_similarity`` (Li et al.).
+        evict_every: ``step`` (the public code) or ``epoch`` (Li et al.'s paper).
+        legacy_accumulation: Li et al.'s code's repeated addition of the running sums (off: the terms count once).
     """
 
     lambda_real: float = 0.002
@@ -72,7 +72,7 @@ FINETUNE_MODES = ("full", "difffit")
 
 
 class DiTDiffusionPrior(PriorExport, L.LightningModule):
-    """Class-conditional latent DiT: trained from scratch (the toy) or fine-tuned (Minimax, seed 001).
+    """Class-conditional latent DiT: trained from scratch (the toy) or fine-tuned (Minimax, Li et al.).
 
     Epsilon-prediction DDPM training with label dropout once per batch; with a learned variance (``out_channels =
     2 x in_channels``, DiT-XL/2) IDDPM's variational-bound term is added (``loss = mse + vb``).

@@ -1,5 +1,5 @@
 """Generation as a predict loop: batches of planned work items (:mod:`patchdd.generation.plan`) -> uint8 images:
-DiT sampling (:class:`LatentGenerator`: dit, d3hr, Minimax / seed-001 priors) and D4M's img2img
+DiT sampling (:class:`LatentGenerator`: dit, d3hr, Minimax / self-adaptive-memory priors) and D4M's img2img
 (:class:`PromptedImg2Img`).
 
 :class:`LatentGenerator` samples each item's latent with a DiT prior under classifier-free guidance, from Gaussian

@@ -69,7 +69,10 @@ def shell_blocks() -> list[Block]:
 
 
 def suite_args(command: list[str]) -> list[str] | None:
-    """The arguments of a ``patchdd`` command (``patchdd ...``, ``python cli.py ...``), else None."""
+    """The arguments of a ``patchdd`` command (``patchdd ...``, ``python cli.py ...``, either under ``srun``), else
+    None."""
+    if command[0] == "srun":
+        command = command[1:]
     if command[0] == "patchdd":
         return command[1:]
     if command[:2] == ["python", "cli.py"]:
@@ -95,7 +98,7 @@ def test_every_command_of_a_block_parses(block: Block, capsys) -> None:
             assert re.search(rf"^{re.escape(command[1])}:", makefile, re.M), f"{block}: no make target {command[1]}"
         elif command[0] == "python" and command[1].startswith("bench/"):
             assert (REPO / command[1]).is_file(), f"{block}: no script {command[1]}"
-        elif args is None:
+        elif args is None or command[0] == "sbatch":
             assert command[0] in NOT_SUITE_COMMANDS, f"{block}: {shlex.join(command)} is not a command of the suite"
         elif "--help" not in args and not any(a.endswith(".help") for a in args):
             with pytest.raises(SystemExit) as done:

@@ -341,3 +341,34 @@ def test_two_controllers_started_together_neither_crash_nor_run_a_cell_twice(tmp
     trained = sum(stdout.count("cell 1/2:") + stdout.count("cell 2/2:") for stdout, _ in outputs)
     assert trained == 2  # each cell once, by whichever controller held OUT
     assert len(list(csv.DictReader((tmp_path / "out" / "results.csv").open()))) == 2
+
+
+def test_submitit_local_runs_the_cells_as_jobs_like_the_subprocess_launcher(tmp_path):
+    """``--launcher submitit --executor.cluster local``: a dry run lists the cells and submits nothing; the cells run
+    as submitit jobs (a job id recorded per cell) and give the tables the other launchers give; a rerun skips them."""
+    write_real_folder(tmp_path / "real", per_class=2, seed=0)
+    write_synthetic_export(tmp_path / "syn" / "ipc2", ipc=2)
+    config = yaml.safe_load(matrix_config(tmp_path, base_config(tmp_path)).read_text())
+    config["teachers"] = config["teachers"][:1]
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(config))
+
+    def run(out: str, *extra: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, str(REPO / "cli.py"), "matrix", "-c", str(tmp_path / "one.yaml"),
+                               "--out", str(tmp_path / out), *extra], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    submitit = ("--launcher", "submitit", "--executor.cluster", "local", "--executor.timeout_min", "30")
+    dry = run("jobs", *submitit, "--dry_run", "true").stdout
+    assert dry.count("pending  cell") == 2 and not (tmp_path / "jobs" / "ipc2").exists()
+    run("jobs", *submitit)
+    run("inline", "--launcher", "inline")
+    rows = {name: list(csv.DictReader((tmp_path / name / "results.csv").open())) for name in ("jobs", "inline")}
+    assert [r["status"] for r in rows["jobs"]] == ["done", "done"]
+    for job_row, inline_row in zip(rows["jobs"], rows["inline"]):
+        assert (job_row["teacher"], job_row["student"], job_row["set_identity"]) == \
+            (inline_row["teacher"], inline_row["student"], inline_row["set_identity"])
+        assert float(job_row["final_top1"]) == pytest.approx(float(inline_row["final_top1"]), abs=0.05)
+        assert json.loads((Path(job_row["log_dir"]) / "job.json").read_text())["cluster"] == "local"
+    assert "2/2 cells finished before, skipped" in run("jobs", *submitit).stdout
+    assert run("jobs", *submitit, "--dry_run", "true").stdout.count("done     cell") == 2

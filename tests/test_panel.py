@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from patchdd.evaluation.ddranking import (augmentation_robust_score, hard_label_recovery, improvement_over_random,
@@ -147,3 +148,36 @@ def test_a_plain_set_whose_classes_are_not_the_real_datas_is_refused(tmp_path) -
             Image.new("RGB", (8, 8)).save(tmp_path / "real" / split / wnid / "a.png")
     with pytest.raises(ValueError, match=r"unknown class\(es\) \['000', '001'\]"):  # labels matched by folder
         DistilledDataModule(synthetic_dir=str(tmp_path / "set"), real=ImageFolderDataModule(str(tmp_path / "real")))
+
+
+def test_ddranking_code_units_average_per_run_scores_of_percentages() -> None:
+    """``panel_units: ddranking_code`` gives what DD-Ranking's soft_label.py / aug_robust.py print: per run
+    hlr = full - syn_hard, ior = syn - random (percent), alpha = 0.5 ior - 0.5 hlr, lrs = (e^alpha - e^-1) /
+    (e - e^-1), then the mean over runs; ``fractions`` scores the mean accuracies as fractions."""
+    import math
+
+    from patchdd.workflows.panel import panel_scores
+
+    def row(selector, protocol, seed, top1):
+        return {"ipc": 10, "selector": selector, "student": "S", "protocol": protocol, "seed": seed,
+                "status": "done", "final_top1": top1}
+
+    rows = [row("d", "soft_aug", 0, 0.52), row("d", "soft_aug", 1, 0.50), row("random_real", "soft_aug", 0, 0.49),
+            row("random_real", "soft_aug", 1, 0.49), row("d", "hard_aug", 0, 0.30), row("d", "hard_aug", 1, 0.28),
+            row("d", "soft_noaug", 0, 0.40), row("d", "soft_noaug", 1, 0.41),
+            row("random_real", "soft_noaug", 0, 0.39), row("random_real", "soft_noaug", 1, 0.38)]
+
+    def code_lrs(full, hard, syn, rand):  # DD-Ranking's lines, in percent
+        alpha = 0.5 * (syn - rand) - 0.5 * (full - hard)
+        return (math.exp(alpha) - math.exp(-1)) / (math.exp(1) - math.exp(-1))
+
+    code = panel_scores(rows, 10, "d", "S", real_hard=0.90, units="ddranking_code")
+    expected = (code_lrs(90, 30, 52, 49) + code_lrs(90, 28, 50, 49)) / 2
+    assert code["LRS"] == pytest.approx(expected, rel=1e-9) and code["LRS"] < 1e-9  # percentages: a tiny exponential
+    beta = [0.5 * (52 - 49) + 0.5 * (40 - 39), 0.5 * (50 - 49) + 0.5 * (41 - 38)]
+    assert code["ARS"] == pytest.approx(np.mean([(math.exp(b) - math.exp(-1)) / (math.e - math.exp(-1))
+                                                 for b in beta]), rel=1e-9)
+    ours = panel_scores(rows, 10, "d", "S", real_hard=0.90)
+    alpha = 0.5 * (0.51 - 0.49) - 0.5 * (0.90 - 0.29)
+    assert ours["LRS"] == pytest.approx((math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1)), rel=1e-9)
+    assert ours["IOR"] == pytest.approx(code["IOR"]) and ours["HLR"] == pytest.approx(code["HLR"])

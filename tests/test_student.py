@@ -71,7 +71,9 @@ def test_protocol_functions():
         reference.step()
     assert [idc_epochs(ipc, 10) for ipc in (1, 2, 10, 11, 50, 100, 200, 500, 1000)] == \
         [3000, 2000, 2000, 1500, 1500, 1000, 1000, 500, 300]
-    assert idc_epochs(10, 100) == 1333 and idc_epochs(10, 99) == 2000  # two thirds from 100 classes on
+    # two thirds, rounded down to hundreds, for exactly 100 classes (the code's ipc_epoch): 1333 -> 1300, 666 -> 600
+    assert [idc_epochs(ipc, 100) for ipc in (1, 10, 50, 200, 500, 1000)] == [2000, 1300, 1000, 600, 300, 200]
+    assert idc_epochs(10, 99) == idc_epochs(10, 1000) == 2000
     assert [rded_batch_size(ipc, 10) for ipc in (1, 10, 50, 100)] == [10, 50, 100, 100]
     assert [rded_batch_size(ipc, 1000) for ipc in (1, 10, 50)] == [20, 100, 200]
     assert rded_batch_size(10, 100) == 100 and rded_batch_size(1, 4) == 4  # never above IPC x classes

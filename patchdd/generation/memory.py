@@ -1,10 +1,10 @@
-"""Minimax diffusion's memory regularisers and seed 001's self-adaptive memory, as plain functions on tensors.
+"""Minimax diffusion's memory regularisers and the self-adaptive memory of Li et al., as plain functions on tensors.
 
 Per class, a bank of real latents and a bank of generated ones (x0 predictions) hold flattened vectors. The fine-tune
 adds a representativeness term ``L_real = lambda_r (1 - min cos(x0, real bank))`` and a diversity term
 ``L_gen = lambda_g max cos(x0, generated bank)`` per class present in the batch, averaged over those classes.
 Banks keep at most ``capacity`` vectors: ``fifo`` drops the oldest (Minimax); ``max_similarity`` drops, one at a
-time, the vector with the largest summed cosine similarity to the whole bank, itself included (seed 001).
+time, the vector with the largest summed cosine similarity to the whole bank, itself included (Li et al.).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class MemoryBank:
 
     Args:
         capacity: most vectors a class keeps.
-        eviction: ``fifo`` (Minimax) or ``max_similarity`` (seed 001).
+        eviction: ``fifo`` (Minimax) or ``max_similarity`` (Li et al.).
     """
 
     def __init__(self, capacity: int = 64, eviction: str = "fifo") -> None:
@@ -50,7 +50,7 @@ class MemoryBank:
 
     def add(self, label: int, vectors: torch.Tensor, trim: bool = True) -> None:
         """Append (detached, flattened) ``vectors`` to the bank of ``label``; ``trim`` evicts down to capacity now
-        (seed 001's code does it every step), otherwise :meth:`trim` does it later (its paper: every epoch)."""
+        (Li et al.'s code does it every step), otherwise :meth:`trim` does it later (its paper: every epoch)."""
         flat = vectors.detach().flatten(1)
         old = self.banks.get(int(label))
         self.banks[int(label)] = flat if old is None else torch.cat([old, flat.to(old)])
@@ -80,7 +80,7 @@ def memory_losses(x0: torch.Tensor, labels: torch.Tensor, real: MemoryBank, gene
                   legacy_accumulation: bool = False) -> torch.Tensor:
     """``sum_c [lambda_r (1 - min cos(x0_c, real_c)) + lambda_g max cos(x0_c, gen_c)] / n_c`` over the classes c
     in the batch whose generated bank is not empty (Minimax's condition); 0 otherwise. Only ``x0`` carries
-    gradient. ``legacy_accumulation`` reproduces seed 001's code, which adds the running sums inside the class
+    gradient. ``legacy_accumulation`` reproduces Li et al.'s code, which adds the running sums inside the class
     loop, so the k-th class's terms count n - k + 1 times (off by default)."""
     flat = F.normalize(x0.flatten(1).float(), dim=1)
     classes = labels.unique()

@@ -1,4 +1,4 @@
-"""DiffFit on diffusers' DiT, as Minimax and seed 001 fine-tune DiT-XL/2: biases, the one label table and learnable
+"""DiffFit on diffusers' DiT, as Minimax and Li et al. fine-tune DiT-XL/2: biases, the one label table and learnable
 per-channel scales (gamma) on the first blocks train; everything else, the adaLN modulation matrices included,
 stays frozen.
 

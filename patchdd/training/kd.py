@@ -1,6 +1,6 @@
 """Knowledge distillation as RDED evaluates a synthetic set: the soft-label loss and RDED's protocol rules
 (temperature per mixing, learning-rate schedule, batch size, learning rate per architecture, validation cadence),
-and the training length of IDC's hard-label protocol (Minimax, seed 001)."""
+and the training length of IDC's hard-label protocol (Minimax, Li et al.)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def lr_factor(epoch: int, epochs: int, schedule: Schedule) -> float:
     """Learning-rate multiplier at ``epoch`` (0-based) of ``epochs``.
 
     ``half_cosine`` is RDED's ``0.5 (1 + cos(pi * epoch / (2 * epochs)))``: from 1 down to 0.5 at the end;
-    ``cosine`` goes down to 0; ``multistep`` is IDC's (Minimax, seed 001): x 0.2 from epoch ``2E // 3`` and again
+    ``cosine`` goes down to 0; ``multistep`` is IDC's (Minimax, Li et al.): x 0.2 from epoch ``2E // 3`` and again
     from ``5E // 6``; ``constant`` stays 1.
     """
     if schedule == "half_cosine":
@@ -48,11 +48,15 @@ def lr_factor(epoch: int, epochs: int, schedule: Schedule) -> float:
 
 
 def idc_epochs(ipc: int, num_classes: int) -> int:
-    """IDC's training length for a hard-label student (Minimax / seed 001's ``argument.py``): 3000 epochs at IPC 1,
-    2000 up to IPC 10, 1500 up to 50, 1000 up to 200, 500 up to 500, else 300; two thirds of that for 100 or more
-    classes."""
+    """IDC's training length for a hard-label student (Minimax's / Li et al.'s ``argument.py``, ``ipc_epoch``): 3000
+    epochs at IPC 1, 2000 up to IPC 10, 1500 up to 50, 1000 up to 200, 500 up to 500, else 300; for exactly 100
+    classes two thirds of that, rounded down to hundreds (ImageNet-100 at IPC 10: 1300), as the code computes it;
+    other class counts (1000 included) keep the table's value."""
     epochs = next((e for bound, e in IDC_EPOCHS if ipc <= bound), 300)
-    return epochs * 2 // 3 if num_classes >= 100 else epochs
+    if num_classes == 100:
+        epochs = int((2 / 3) * epochs)
+        epochs -= epochs % 100
+    return epochs
 
 
 def rded_batch_size(ipc: int, num_classes: int) -> int:

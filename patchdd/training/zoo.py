@@ -10,7 +10,7 @@ Names:
   classifier;
 * IDC's ResNetAP (``resnet_ap10``, ``resnet_ap18``, ``resnet_ap34``): a ResNet with basic blocks whose
   downsampling is 2x2 average pooling instead of strided convolutions, instance norm by default (the hard-label
-  students of Minimax and seed 001).
+  students of Minimax and Li et al.).
 """
 
 from __future__ import annotations

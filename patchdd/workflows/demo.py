@@ -232,7 +232,7 @@ def demo(
     The prior is read from ``prior`` (an SD-layout folder); when it is missing it is trained first with
     ``prior_config``. The generative rows (``generators``: row -> ``generate`` config) use the DiT prior
     ``dit_prior`` (trained with ``dit_prior_config`` when missing), D4M the SD-layout ``prior``, and a row of
-    ``finetunes`` (row -> ``fit`` config(s): Minimax, seed 001's memory) the DiT fine-tuned from ``dit_prior`` by
+    ``finetunes`` (row -> ``fit`` config(s): Minimax, Li et al.'s self-adaptive memory) the DiT fine-tuned from ``dit_prior`` by
     that config; D3HR's inversion statistics come from ``invert_config``. ``score_config`` and ``distill_config``
     may be stacks of files (later ones override), e.g.
     ``configs/distill/toy.yaml`` plus ``configs/distill/toy_2x2.yaml`` for RDED's 2x2 layout.

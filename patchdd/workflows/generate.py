@@ -1,7 +1,7 @@
 """``patchdd generate``: a diffusion prior -> generated synthetic sets (PNG ImageFolders), one per IPC.
 
 Methods (:data:`GENERATIVE_METHODS`): ``dit`` samples every image from Gaussian noise with a class-conditional DiT
-(the plain baseline, or a Minimax / seed-001 fine-tune); ``d3hr`` restarts from the latents of the group that
+(the plain baseline, or a Minimax / self-adaptive-memory fine-tune); ``d3hr`` restarts from the latents of the group that
 D3HR's group sampling chooses from each class's inverted-latent Gaussian (the statistics store written by
 ``patchdd predict -c configs/invert/...``); ``d4m`` runs img2img with an SD-layout prior from each class's k-means
 prototypes of its training latents. Work is planned on the CPU
@@ -39,8 +39,8 @@ from patchdd.priors.dit import DEFAULT_DIT, weights_hash
 from patchdd.workflows.invoke import deprecated
 
 GENERATIVE_METHODS = {
-    "dit": "class-conditional DiT sampling from Gaussian noise (the plain-DiT baseline; Minimax / seed-001 priors)",
-    "d3hr": "D3HR: DDIM inversion statistics, group sampling, generation from the chosen latents (seed 002)",
+    "dit": "class-conditional DiT sampling from Gaussian noise (the plain-DiT baseline; Minimax / self-adaptive-memory priors)",
+    "d3hr": "D3HR: DDIM inversion statistics, group sampling, generation from the chosen latents (Zhao et al.)",
     "d4m": "D4M: per-class k-means prototypes of the VAE latents, text-conditioned img2img from them",
 }
 SETTINGS_FILE = ".generate.json"
@@ -167,6 +167,7 @@ def generate(
     batch_size: int = 32,
     accelerator: str = "auto",
     devices: int | str = 1,
+    num_nodes: int = 1,
     strategy: str = "auto",
     precision: str | None = None,
     overwrite: bool = False,
@@ -199,7 +200,8 @@ def generate(
         resize_filter: ``lanczos`` (D3HR), ``bicubic`` or ``bilinear``.
         batch_size: images per canonical batch (part of the plan: changing it restarts a building set).
         accelerator: Lightning accelerator (``auto``: the GPU when there is one).
-        devices: Lightning devices (several: DDP over the canonical batches).
+        devices: Lightning devices per node (several: DDP over the canonical batches).
+        num_nodes: nodes (under SLURM, ``srun`` starts one task per device: see the docs' cluster recipes).
         strategy: Lightning strategy.
         precision: Lightning precision (default: ``bf16-mixed`` on a GPU, ``32-true`` on the CPU).
         overwrite: replace existing ``ipc{N}`` folders, and restart a building set whose inputs changed.
@@ -258,8 +260,8 @@ def generate(
     options |= input_identity(method, store, source, mapping, data_root)
     targets = {n: Path(out) / f"ipc{n}" for n in ipc}
     writer = SyntheticImageWriter({n: str(Path(out) / f".ipc{n}.building") for n in ipc}, output_size, resize_filter)
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-                        logger=False, enable_checkpointing=False, enable_model_summary=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                        precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=progress, use_distributed_sampler=False, callbacks=[writer])
     with exclusive_output(out) if trainer.is_global_zero else nullcontext():
         existing = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]

@@ -41,9 +41,10 @@ from patchdd.formats.synthetic_folder import INFO_FILE, synthetic_classes
 from patchdd.lightning_modules.student import SUMMARY_FILE
 from patchdd.training.kd import idc_epochs
 from patchdd.training.zoo import find_run_checkpoint
+from patchdd.workflows.cluster import ExecutorSpec, job_alive, make_executor, record_job, recorded_job, wait_for
 from patchdd.workflows.console import output_to
 from patchdd.workflows.invoke import deprecated, packaged_path, run_trainer_command
-from patchdd.workflows.panel import RANDOM_REAL, FullDataSpec, full_data_accuracy, write_panel
+from patchdd.workflows.panel import RANDOM_REAL, FullDataSpec, ScoreUnits, full_data_accuracy, write_panel
 from patchdd.workflows.runs import fit_arguments, format_cell, seed_statistics, slug
 
 RESULT_COLUMNS = ["teacher", "student", "ipc", "selector", "protocol", "seed", "final_top1", "final_top5",
@@ -57,7 +58,7 @@ Protocol = Literal["soft_aug", "soft_noaug", "hard_aug", "hard_noaug", "idc"]
 MAIN_PROTOCOL = "soft_aug"
 HARD_LABEL_PROTOCOLS = ("hard_aug", "hard_noaug", "idc")  # no teacher: one row per student
 Metric = Literal["final_top1", "best_top1"]
-Launcher = Literal["subprocess", "inline"]
+Launcher = Literal["subprocess", "inline", "submitit"]
 IDENTITY_FILE = "cell.json"  # the hash of the config and the inputs a cell ran with
 RESUMABLE_LOGGER = "patchdd.datamodules.callbacks.ResumableCSVLogger"  # a resumed cell appends to metrics.csv
 
@@ -164,6 +165,80 @@ def error_line(log_file: Path) -> str:
     reported = [line.partition(" error: ")[2] for line in lines if line.startswith("patchdd ") and " error: " in line]
     errors = reported or [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
     return (errors or lines or ["no output"])[-1][:500]
+
+
+def cell_arguments(bases: list[str], values: dict, directory: Path) -> list[str]:
+    """The cell's ``patchdd fit`` arguments now: from its ``last.ckpt`` when a cut run left one (its
+    ``metrics.csv`` continued, not replaced), else from the start."""
+    last = directory / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return fit_arguments(bases, values)
+    logger = values["trainer.logger"] | {"class_path": RESUMABLE_LOGGER}
+    return fit_arguments(bases, values | {"trainer.logger": logger}, last)
+
+
+@dataclass
+class CellJob:
+    """One cell as a submitit job: ``patchdd fit`` in the job's process, output in the cell's ``log.txt``,
+    resuming from the cell's ``last.ckpt`` when there is one; on pre-emption or at its time limit submitit
+    requeues it (:meth:`checkpoint`) and it resumes. Returns the error line, or None."""
+
+    bases: list[str]
+    values: dict
+    directory: str
+
+    def __call__(self) -> str | None:
+        directory = Path(self.directory)
+        return run_inline(cell_arguments(self.bases, self.values, directory), directory / "log.txt")
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def submit_cells(indices: list[int], cells: list[Cell], bases: list[list[str]], settings: list[dict],
+                 identities: list[str], spec: ExecutorSpec, out_dir: Path, record) -> None:
+    """Run the pending cells as submitit jobs (one job array): a cell whose recorded job still runs is waited
+    for, not resubmitted; ``record(index, outcome)`` as each ends."""
+    executor = make_executor(spec, out_dir)
+    adopted = {i: recorded_job(cells[i].directory) for i in indices if job_alive(recorded_job(cells[i].directory))}
+    fresh = [i for i in indices if i not in adopted]
+    for i in fresh:
+        write_identity(cells[i].directory, identities[i])
+    with executor.batch():
+        handles = [executor.submit(CellJob(bases[i], settings[i], str(cells[i].directory))) for i in fresh]
+    for i, job in zip(fresh, handles):
+        record_job(cells[i].directory, str(job.job_id), spec.cluster, str(executor.folder))
+    if adopted:
+        print(f"{len(adopted)} cell(s) still run in jobs of an earlier controller: waited for, not resubmitted",
+              flush=True)
+    print(f"submitted {len(fresh)} cell(s) to {spec.cluster} ({executor.folder})", flush=True)
+    started = time.time()
+    for index, error in wait_for(dict(zip(fresh, handles)), adopted):
+        directory = cells[index].directory
+        summary = read_summary(directory)
+        seconds = round(time.time() - started, 1)
+        if error is None and summary is not None:
+            record(index, {"status": "done", "error": "", "seconds": seconds, **summary})
+        else:
+            log = directory / "log.txt"
+            record(index, {"status": "failed", "seconds": seconds,
+                           "error": error or (error_line(log) if log.is_file() else f"no {SUMMARY_FILE} written")})
+
+
+def cell_state(cell: Cell, identity: str) -> str:
+    """``done``, ``stale`` (ran with another config or inputs), ``running`` (its job still runs), ``failed`` (ran,
+    no result) or ``pending`` (never ran)."""
+    if not cell.directory.exists():
+        return "pending"
+    if read_identity(cell.directory) != identity:
+        return "stale"
+    if read_summary(cell.directory) is not None:
+        return "done"
+    if job_alive(recorded_job(cell.directory)):
+        return "running"
+    return "failed" if (cell.directory / "log.txt").is_file() or recorded_job(cell.directory) else "pending"
 
 
 def run_cell(cell: Cell, args: list[str], gpus: list[int] | None, launcher: Launcher) -> dict:
@@ -380,6 +455,9 @@ def matrix(
     gpus: list[int] | None = None,
     devices_per_cell: int = 1,
     launcher: Launcher = "subprocess",
+    executor: ExecutorSpec = ExecutorSpec(),
+    dry_run: bool = False,
+    panel_units: ScoreUnits = "fractions",
     heatmap_metric: Metric = "final_top1",
     title: str = "Teacher x student matrix",
     protocols: list[Protocol] = [MAIN_PROTOCOL],
@@ -409,14 +487,22 @@ def matrix(
         gpus: GPU ids; each group of ``devices_per_cell`` runs one cell at a time (None: cells one by one,
             devices as the base config says).
         devices_per_cell: devices of one cell (>1: DDP inside the cell).
-        launcher: ``subprocess`` (each cell its own process, output in ``log.txt``; needed for ``gpus``) or
-            ``inline`` (cells one after the other in this process: no start-up cost per cell, for small runs).
+        launcher: ``subprocess`` (each cell its own process, output in ``log.txt``; needed for ``gpus``),
+            ``inline`` (cells one after the other in this process: no start-up cost per cell, for small runs) or
+            ``submitit`` (each pending cell a cluster job, see ``executor``; rerun, the controller waits for the
+            cells whose jobs still run, collects the finished ones and resubmits the failed ones).
+        executor: the submitit executor of ``launcher: submitit`` (``cluster: slurm | local | debug``, partition,
+            GPUs, CPUs, memory, time limit, array parallelism, more ``#SBATCH`` settings).
+        dry_run: list every cell with its state (done, stale, running, failed, pending) and run nothing.
+        panel_units: how the panel computes LRS and ARS: ``fractions`` (of the mean accuracies, in [0, 1], as
+            DD-Ranking's paper defines them) or ``ddranking_code`` (per run from percentages, averaged, as DD-Ranking's
+            code prints them: comparable with its leaderboard).
         heatmap_metric: what the heatmap shows, ``final_top1`` or ``best_top1`` (``matrix.md`` shows both).
         title: title of the Markdown file and the heatmap.
         protocols: how the students learn: ``soft_aug`` (the protocol: the teacher's soft labels, RDED's
             augmentation), the fairness panel's ``soft_noaug``, ``hard_aug``, ``hard_noaug`` (hard labels: no
             teacher, no mixing; noaug: Resize + Normalize only) and ``idc`` (IDC's hard-label protocol, as Minimax
-            and seed 001 report; ``idc_config``). ``matrix.md`` / ``matrix.png`` show the first protocol. With more
+            and Li et al. report; ``idc_config``). ``matrix.md`` / ``matrix.png`` show the first protocol. With more
             than one, or with ``random_real`` among the selectors, ``panel.csv`` / ``panel.md`` / ``panel.png`` are
             written too.
         full_data: the full-data student of each student architecture for the panel's HLR and LRS (a
@@ -450,6 +536,10 @@ def matrix(
         inputs = InputIdentities()
         sets = [inputs.of_set(paths, values) for paths, values in zip(cell_bases, settings)]
         identities = [cell_identity(paths, values, inputs) for paths, values in zip(cell_bases, settings)]
+        if dry_run:
+            for index, cell in enumerate(cells):
+                print(f"{cell_state(cell, identities[index]):<8} cell {index + 1}/{len(cells)}: {cell.describe()}")
+            return out_dir
         rows: list[dict | None] = [None] * len(cells)
         pending: queue.Queue = queue.Queue()
         stale = 0
@@ -469,6 +559,12 @@ def matrix(
                   flush=True)
         progress = tqdm(total=pending.qsize(), desc="cells", unit="cell", disable=None, leave=False)
 
+        def record(index: int, outcome: dict, where: str) -> None:
+            rows[index] = result_row(cells[index], outcome, sets[index])
+            progress.write(f"cell {index + 1}/{len(cells)}: {cells[index].describe()}{where}: "
+                           f"{describe_outcome(outcome)}")
+            progress.update()
+
         def worker(slot: list[int] | None) -> None:
             while True:
                 try:
@@ -476,21 +572,17 @@ def matrix(
                 except queue.Empty:
                     return
                 cell = cells[index]
-                where = f" on GPU {','.join(map(str, slot))}" if slot else ""
-                last = cell.directory / "checkpoints" / "last.ckpt"
-                resume = last.is_file()
-                values = settings[index]
-                if resume:  # the cut run's metrics.csv is continued, not replaced
-                    values = values | {"trainer.logger": values["trainer.logger"] | {"class_path": RESUMABLE_LOGGER}}
                 write_identity(cell.directory, identities[index])
-                outcome = run_cell(cell, fit_arguments(cell_bases[index], values, last if resume else None), slot,
+                outcome = run_cell(cell, cell_arguments(cell_bases[index], settings[index], cell.directory), slot,
                                    launcher)
-                rows[index] = result_row(cell, outcome, sets[index])
-                progress.write(f"cell {index + 1}/{len(cells)}: {cell.describe()}{where}: {describe_outcome(outcome)}")
-                progress.update()
+                record(index, outcome, f" on GPU {','.join(map(str, slot))}" if slot else "")
 
-        with sigterm_exits():
-            run_workers(worker, device_slots(gpus, devices_per_cell))
+        if launcher == "submitit":
+            submit_cells(list(pending.queue), cells, cell_bases, settings, identities, executor, out_dir,
+                         lambda index, outcome: record(index, outcome, ""))
+        else:
+            with sigterm_exits():
+                run_workers(worker, device_slots(gpus, devices_per_cell))
         progress.close()
         finished = [row for row in rows if row is not None]
         table_protocol = protocols[0]  # matrix.md and matrix.png show the first protocol
@@ -507,7 +599,7 @@ def matrix(
             for name, accuracy in reference.items():
                 print(f"full-data student {name}: final top-1 {100 * accuracy:.1f} % (cached in {full_data.cache_dir})",
                       flush=True)
-            write_panel(out_dir, finished, reference, title)
+            write_panel(out_dir, finished, reference, title, panel_units)
         failed = sum(row["status"] == "failed" for row in finished)
         print(f"{len(finished) - failed}/{len(cells)} cells finished, {failed} failed; results in {out_dir}", flush=True)
         if failed:

@@ -13,12 +13,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from patchdd.evaluation.ddranking import (augmentation_robust_score, hard_label_recovery, improvement_over_random,
                                           label_robust_score)
 from patchdd.workflows.console import output_to
+
+ScoreUnits = Literal["fractions", "ddranking_code"]
 from patchdd.workflows.invoke import packaged_path, run_trainer_command
 from patchdd.workflows.runs import fit_arguments, format_cell, seed_statistics, slug, validation_top1s
 
@@ -63,14 +66,15 @@ def full_data_accuracy(spec: FullDataSpec, name: str, kwargs: dict, title: str) 
     return json.loads(result.read_text())["final_top1"]
 
 
-def write_panel(out_dir: Path, rows: list[dict], full_data: dict[str, float], title: str) -> None:
+def write_panel(out_dir: Path, rows: list[dict], full_data: dict[str, float], title: str,
+                units: ScoreUnits = "fractions") -> None:
     """``panel.csv``, ``panel.md`` and ``panel.png`` from the matrix's result rows (``full_data``: student title
-    -> the full-data student's top-1)."""
+    -> the full-data student's top-1; ``units``: how LRS and ARS are computed, see :func:`panel_scores`)."""
     with (out_dir / "panel.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, PANEL_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "panel.md").write_text(f"# {title}: fairness panel\n\n{panel_markdown(rows, full_data)}")
+    (out_dir / "panel.md").write_text(f"# {title}: fairness panel\n\n{panel_markdown(rows, full_data, units)}")
     panel_chart(rows, out_dir / "panel.png", title)
 
 
@@ -84,8 +88,34 @@ def mean_or_none(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def panel_scores(rows: list[dict], ipc: int, selector: str, student: str, real_hard: float | None) -> dict:
-    """HLR, IOR, LRS and ARS of one set (accuracies as fractions, means over seeds); None where a run is missing."""
+def seed_finals(rows: list[dict], **where) -> dict[str, float]:
+    """Seed -> final top-1 of the finished runs matching ``where``."""
+    return {str(r["seed"]): float(r["final_top1"]) for r in rows if r["status"] == "done"
+            and r["final_top1"] not in (None, "") and all(str(r[k]) == str(v) for k, v in where.items())}
+
+
+def ddranking_code_scores(rows: list[dict], ipc: int, selector: str, student: str, real_hard: float | None) -> dict:
+    """LRS and ARS as DD-Ranking's code computes them: per run (seed), from accuracies in PERCENT fed to the
+    exponential, then the mean over runs (None where no seed has every run)."""
+    def runs(method: str, protocol: str) -> dict[str, float]:
+        return {s: 100 * v for s, v in seed_finals(rows, ipc=ipc, selector=selector if method == "set" else method,
+                                                    student=student, protocol=protocol).items()}
+
+    syn, rand, syn_hard = runs("set", "soft_aug"), runs(RANDOM_REAL, "soft_aug"), runs("set", "hard_aug")
+    syn_noaug, rand_noaug = runs("set", "soft_noaug"), runs(RANDOM_REAL, "soft_noaug")
+    lrs = [label_robust_score(100 * real_hard, syn_hard[s], syn[s], rand[s]) for s in syn
+           if real_hard is not None and s in rand and s in syn_hard]
+    ars = [augmentation_robust_score(syn[s], rand[s], syn_noaug[s], rand_noaug[s]) for s in syn
+           if s in rand and s in syn_noaug and s in rand_noaug]
+    return {"LRS": mean_or_none(lrs), "ARS": mean_or_none(ars)}
+
+
+def panel_scores(rows: list[dict], ipc: int, selector: str, student: str, real_hard: float | None,
+                 units: ScoreUnits = "fractions") -> dict:
+    """HLR, IOR, LRS and ARS of one set; None where a run is missing. ``units``: ``fractions`` (the suite: the
+    scores of the mean accuracies over seeds, as fractions, so alpha and beta lie in [-1, 1] as DD-Ranking's paper
+    defines them) or ``ddranking_code`` (DD-Ranking's code: per-run scores of accuracies in percent, averaged: the
+    numbers its leaderboard prints, see :func:`ddranking_code_scores`). HLR and IOR are the same in both."""
     def acc(method: str, protocol: str) -> float | None:
         return mean_or_none(finals(rows, ipc=ipc, selector=method, student=student, protocol=protocol))
 
@@ -101,10 +131,12 @@ def panel_scores(rows: list[dict], ipc: int, selector: str, student: str, real_h
         scores["LRS"] = label_robust_score(real_hard, syn_hard, syn, rand)
     if None not in (syn, rand, syn_noaug, rand_noaug):
         scores["ARS"] = augmentation_robust_score(syn, rand, syn_noaug, rand_noaug)
+    if units == "ddranking_code":
+        scores |= ddranking_code_scores(rows, ipc, selector, student, real_hard)
     return scores
 
 
-def panel_markdown(rows: list[dict], full_data: dict[str, float]) -> str:
+def panel_markdown(rows: list[dict], full_data: dict[str, float], units: ScoreUnits = "fractions") -> str:
     """Per IPC and student: a row per method; final top-1 (%) per protocol, best-of, HLR / IOR (points), LRS, ARS."""
     protocols = [p for p in PROTOCOLS if any(r["protocol"] == p for r in rows)]
     blocks = []
@@ -122,7 +154,7 @@ def panel_markdown(rows: list[dict], full_data: dict[str, float]) -> str:
                 cells.append(format_cell(*seed_statistics(values), len(values), 0) if values else "–")
             best = finals(rows, "best_top1", ipc=ipc, selector=selector, student=student, protocol="soft_aug")
             cells.append(format_cell(*seed_statistics(best), len(best), 0) if best else "–")
-            scores = panel_scores(rows, ipc, selector, student, real_hard)
+            scores = panel_scores(rows, ipc, selector, student, real_hard, units)
             cells += [f"{100 * scores[k]:+.1f}" if scores[k] is not None else "–" for k in ("HLR", "IOR")]
             cells += [f"{scores[k]:.3f}" if scores[k] is not None else "–" for k in ("LRS", "ARS")]
             lines.append(f"| {selector} | " + " | ".join(cells) + " |")
@@ -130,8 +162,13 @@ def panel_markdown(rows: list[dict], full_data: dict[str, float]) -> str:
     notes = ("\nFinal top-1 on the real validation split, mean ± std over seeds; the best-of (the best validation "
              "run) is optimistic, because the validation split is the test set here. HLR = Acc(real, hard) - "
              "Acc(set, hard); IOR = Acc(set) - Acc(random_real) under the soft-label protocol (both in points); "
-             "LRS and ARS as DD-Ranking defines them (w = g = 0.5), in [0, 1], higher is better; `random_real` is "
-             "the reference set, so its IOR is 0.\n")
+             + ("LRS and ARS as DD-Ranking defines them (w = g = 0.5), of the mean accuracies as fractions, in [0, "
+                "1], higher is better (DD-Ranking's code feeds percentages to the exponential and averages per-run "
+                "scores: its leaderboard's numbers are on another scale; `panel_units: ddranking_code` gives them)"
+                if units == "fractions" else
+                "LRS and ARS as DD-Ranking's code computes them (w = g = 0.5): per run, from accuracies in percent, "
+                "averaged over runs: comparable with its leaderboard, not bounded by 1")
+             + "; `random_real` is the reference set, so its IOR is 0.\n")
     return "\n\n".join(blocks) + "\n" + notes
 
 
