@@ -14,7 +14,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from patchdd.training.kd import rded_validates
+from patchdd.training.kd import idc_validates, rded_validates
 
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
@@ -46,6 +46,22 @@ class RDEDValidationSchedule(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         validate = rded_validates(trainer.current_epoch, trainer.max_epochs, self.every, self.last_fraction)
         # The epoch loop validates when (epoch + 1) % check_val_every_n_epoch == 0.
+        trainer.check_val_every_n_epoch = 1 if validate else trainer.max_epochs + 1
+
+
+class IDCValidationSchedule(Callback):
+    """Run validation only on the epochs :func:`~patchdd.training.kd.idc_validates` names (IDC: every
+    ``max_epochs // 100`` epochs, the last one included).
+
+    Args:
+        divisions: validations over the run (IDC: 100).
+    """
+
+    def __init__(self, divisions: int = 100) -> None:
+        self.divisions = divisions
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        validate = idc_validates(trainer.current_epoch, trainer.max_epochs, self.divisions)
         trainer.check_val_every_n_epoch = 1 if validate else trainer.max_epochs + 1
 
 

@@ -1,7 +1,8 @@
 """Every command the README and the docs show is tested.
 
 * Every ``patchdd`` / ``python cli.py`` command of every ``bash`` block is parsed by its own parser
-  (``--print_config``: options, configs and values checked, nothing run); ``make`` targets and bench scripts exist.
+  (``--print_config``: options, configs and values checked, nothing run); ``make`` targets and bench scripts exist;
+  and within a block, a command reads under ``runs/`` only what an earlier command wrote (:class:`PathFlow`).
 * The README's GPU quickstart runs end to end, in its order and with its paths, on the CPU through the substitution
   table below: a step that cannot find what an earlier step wrote fails here, as it would for a user.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from patchdd import cli
@@ -92,6 +94,7 @@ def test_the_skip_marks_stay_within_their_budget() -> None:
 @pytest.mark.parametrize("block", [b for b in BLOCKS if not b.skip], ids=str)
 def test_every_command_of_a_block_parses(block: Block, capsys) -> None:
     makefile = (REPO / "Makefile").read_text()
+    flow = PathFlow(block)
     for command in block.commands:
         args = suite_args(command)
         if command[0] == "make":
@@ -103,8 +106,59 @@ def test_every_command_of_a_block_parses(block: Block, capsys) -> None:
         elif "--help" not in args and not any(a.endswith(".help") for a in args):
             with pytest.raises(SystemExit) as done:
                 cli.main([*args, "--print_config"])
-            error = capsys.readouterr().err
-            assert done.value.code in (0, None), f"{block}: {shlex.join(command)}\n{error}"
+            printed = capsys.readouterr()
+            assert done.value.code in (0, None), f"{block}: {shlex.join(command)}\n{printed.err}"
+            flow.step(args[0], yaml.safe_load(printed.out) or {}, shlex.join(command))
+    flow.check()
+
+
+class PathFlow:
+    """What the commands of one block read and write under ``runs/``. In a block that writes some kind of output
+    (``runs/teacher/...``, ``runs/syn/...``), a command may read that kind only where an earlier command of the block
+    wrote it, so a recipe whose step cannot find its predecessor's output fails here, without running anything
+    (a block of single examples, reading what other pages make, writes none of the kinds it reads)."""
+
+    def __init__(self, block: Block) -> None:
+        self.block, self.written, self.pending = block, [], []
+
+    def step(self, command: str, config: dict, line: str) -> None:
+        self.pending += [(path, line, list(self.written)) for path in self.reads(command, config)]
+        self.written += self.writes(command, config)
+
+    def check(self) -> None:
+        """Every read of a kind the block writes was written before it."""
+        kinds = {kind(path) for path in self.written}
+        for path, line, before in self.pending:
+            found = any(path == w or path.startswith(w.rstrip("/") + "/") for w in before)
+            assert found or kind(path) not in kinds, \
+                f"{self.block}: {line}\n  reads {path}, which no earlier command of the block writes"
+
+    @staticmethod
+    def reads(command: str, config: dict) -> list[str]:
+        model, data = dig(config, "model", "init_args"), dig(config, "data", "init_args")
+        paths = {"fit": [model.get("teacher_checkpoint"), data.get("store"), data.get("synthetic_dir")],
+                 "distill": [config.get("store")], "generate": [config.get("stats"), config.get("prior")]}
+        return [str(p) for p in paths.get(command, []) if isinstance(p, str) and p.startswith("runs/")]
+
+    @staticmethod
+    def writes(command: str, config: dict) -> list[str]:
+        if command in ("fit", "predict"):
+            return [str(p) for p in (dig(config, "trainer").get("default_root_dir"), dig(config, "store").get("dir"),
+                                     dig(config, "stats").get("dir"), dig(config, "model", "init_args").get(
+                                         "export_dir")) if p]
+        return [str(config["out"])] if config.get("out") else []
+
+
+def kind(path: str) -> str:
+    """The kind of a run output: its first two path components (``runs/teacher``)."""
+    return "/".join(path.split("/")[:2])
+
+
+def dig(config: dict, *keys: str) -> dict:
+    """``config[k1][k2]...`` or ``{}``."""
+    for key in keys:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else {}
 
 
 # --- the README's GPU quickstart, end to end on the CPU ----------------------------------------------------------

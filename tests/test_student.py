@@ -390,3 +390,24 @@ def test_the_batch_size_is_global_under_ddp(tmp_path):
     data.trainer = SimpleNamespace(world_size=4)
     with pytest.raises(ValueError, match="global batch size 6 does not divide over 4 devices"):
         data.device_batch_size
+
+
+def test_the_idc_protocol_validates_fp32_every_hundredth_of_its_epochs_with_its_own_resize(capsys):
+    """Minimax's train.py: validate when the 1-based epoch is a multiple of epochs // 100; fp32; Resize(224) ->
+    CenterCrop(224). The idc config replaces RDED's cadence, bf16 and Resize(256)."""
+    import yaml
+
+    from patchdd import cli
+    from patchdd.training.kd import idc_validates
+
+    assert [e + 1 for e in range(2000) if idc_validates(e, 2000)][:3] == [20, 40, 60]
+    assert sum(idc_validates(e, 2000) for e in range(2000)) == 100 and idc_validates(1999, 2000)
+    assert all(idc_validates(e, 7) for e in range(7))  # fewer epochs than validations: every epoch
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "-c", "configs/student/rded_defaults.yaml", "-c", "configs/student/imagewoof.yaml", "-c",
+                  "configs/student/idc.yaml", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["precision"] == "32-true"
+    assert [c["class_path"].split(".")[-1] for c in config["trainer"]["callbacks"]] == ["IDCValidationSchedule",
+                                                                                      "ModelCheckpoint"]
+    assert config["data"]["init_args"]["real"]["init_args"]["eval_resize"] == 224

@@ -80,6 +80,12 @@ def learning_rate_for(model_name: str, table: dict[str, float]) -> float:
                      f"lr_by_architecture (keys: {list(table)})")
 
 
+def idc_validates(epoch: int, max_epochs: int, divisions: int = 100) -> bool:
+    """IDC's cadence (Minimax's ``train.py``): validate after 1-based epoch ``epoch + 1`` when it is a multiple of
+    ``max_epochs // divisions`` (every epoch when that is 0: runs shorter than ``divisions`` epochs)."""
+    return (epoch + 1) % max(1, max_epochs // divisions) == 0
+
+
 def rded_validates(epoch: int, max_epochs: int, every: int = 10, last_fraction: float = 0.2) -> bool:
     """RDED's cadence: validate after epoch ``epoch`` (0-based) when it ends a block of ``every`` epochs in the
     last ``last_fraction`` of training; the last epoch is always validated."""

@@ -223,7 +223,7 @@ def demo(
         "minimax": "configs/prior/toy_minimax.yaml",
         "memory": ["configs/prior/toy_minimax.yaml", "configs/prior/adaptive_memory.yaml"]},
     seeds: list[int] = [0, 1],
-    student_epochs: int = 80,
+    student_epochs: int = 50,
     localisation_threshold: float = 0.5,
     protocols: list[str] = ["soft_aug"],
 ) -> Path:
