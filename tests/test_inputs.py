@@ -27,7 +27,7 @@ from patchdd.methods.registry import SynthesisOptions
 from patchdd.workflows.distill import distill
 from patchdd.workflows.generate import generate
 from test_generation import CutAfterFirstBatch, invert
-from test_reliability import two_class_images
+from test_reliability import resized_copy, two_class_images
 from test_scoring import run_predict, scorer, scoring_data
 from tiny_dit import save_tiny_dit
 
@@ -61,12 +61,7 @@ def test_originals_regenerated_in_place_are_refused(scored, tmp_path) -> None:
 
 def test_images_root_at_an_upscaled_copy_is_refused(scored, tmp_path) -> None:
     root, store = scored
-    copy = tmp_path / "upscaled"
-    for path in root.rglob("*.png"):
-        target = copy / path.relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(path) as image:  # 2x: every stored box still falls inside
-            image.resize((2 * image.width, 2 * image.height)).save(target)
+    copy = resized_copy(root, tmp_path / "upscaled", 2)  # 2x: every stored box still falls inside
     with pytest.raises(DataError, match=r"upscaled/train/cat/0.png is not the one that was scored"):
         distill_random(store, tmp_path / "out", synthesis=SynthesisOptions(selector="random",
                                                                             images_root=str(copy)))

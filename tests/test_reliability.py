@@ -213,14 +213,19 @@ def test_two_runs_into_one_output_do_not_interleave(small_store, tmp_path) -> No
     assert (tmp_path / "out" / "ipc2" / "synthetic.json").is_file()
 
 
-def test_a_resized_copy_is_an_error_naming_the_image(small_store, tmp_path) -> None:
-    images, store = small_store
-    resized = tmp_path / "resized"
-    for path in images.rglob("*.png"):
-        target = resized / path.relative_to(images)
+def resized_copy(root: Path, copy: Path, scale: float) -> Path:
+    """Every PNG under ``root`` resized by ``scale`` into the same place under ``copy``."""
+    for path in root.rglob("*.png"):
+        target = copy / path.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(path) as image:
-            image.resize((image.width // 2, image.height // 2)).save(target)
+            image.resize((int(image.width * scale), int(image.height * scale))).save(target)
+    return copy
+
+
+def test_a_resized_copy_is_an_error_naming_the_image(small_store, tmp_path) -> None:
+    images, store = small_store
+    resized = resized_copy(images, tmp_path / "resized", 0.5)
     with pytest.raises(DataError, match=r"image 'cls_a/img_\d+\.png' is 24x20, the store scored it at 48x40"):
         distill_small(store, tmp_path / "out", images_root=str(resized))
 
