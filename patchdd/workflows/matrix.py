@@ -202,7 +202,8 @@ def submit_cells(indices: list[int], cells: list[Cell], bases: list[list[str]], 
     """Run the pending cells as submitit jobs (one job array): a cell whose recorded job still runs is waited
     for, not resubmitted; ``record(index, outcome)`` as each ends."""
     executor = make_executor(spec, out_dir)
-    adopted = {i: recorded_job(cells[i].directory) for i in indices if job_alive(recorded_job(cells[i].directory))}
+    records = {i: recorded_job(cells[i].directory) for i in indices}
+    adopted = {i: record for i, record in records.items() if job_alive(record)}
     fresh = [i for i in indices if i not in adopted]
     for i in fresh:
         write_identity(cells[i].directory, identities[i])
@@ -534,8 +535,9 @@ def matrix(
                                    synthetic_dir, devices, idc_length(cell, synthetic_dir, overrides) | overrides)
                     for cell in cells]
         inputs = InputIdentities()
-        sets = [inputs.of_set(paths, values) for paths, values in zip(cell_bases, settings)]
-        identities = [cell_identity(paths, values, inputs) for paths, values in zip(cell_bases, settings)]
+        configs = [merged_config(paths, values) for paths, values in zip(cell_bases, settings)]
+        sets = [inputs.of_set(config) for config in configs]
+        identities = [cell_identity(config, inputs) for config in configs]
         if dry_run:
             for index, cell in enumerate(cells):
                 print(f"{cell_state(cell, identities[index]):<8} cell {index + 1}/{len(cells)}: {cell.describe()}")
@@ -689,9 +691,8 @@ class InputIdentities:
     def __init__(self) -> None:
         self.known: dict[tuple[str, str], dict] = {}
 
-    def of_set(self, bases: list[str], values: dict) -> dict:
-        """``{"set_method", "set_identity"}`` of the cell's set."""
-        config = merged_config(bases, values)
+    def of_set(self, config: dict) -> dict:
+        """``{"set_method", "set_identity"}`` of the set of a cell's config (:func:`merged_config`)."""
         folder = config_value(config, "data.init_args.synthetic_dir")
         store = config_value(config, "data.init_args.store")
         if folder:
@@ -701,8 +702,9 @@ class InputIdentities:
                 config, "data.init_args.synthesis.selector") or "", "set_identity": store_identity(Path(store))})
         return {"set_method": "", "set_identity": ""}
 
-    def of_teacher(self, bases: list[str], values: dict) -> str:
-        checkpoint = config_value(merged_config(bases, values), "model.init_args.teacher_checkpoint")
+    def of_teacher(self, config: dict) -> str:
+        """The identity of the teacher checkpoint of a cell's config (empty without one)."""
+        checkpoint = config_value(config, "model.init_args.teacher_checkpoint")
         if not checkpoint:
             return ""
         return self.cached("teacher", checkpoint, lambda: {"id": checkpoint_identity(checkpoint)})["id"]
@@ -758,10 +760,9 @@ def checkpoint_identity(checkpoint: str) -> str:
 MIB = 2**20
 
 
-def cell_identity(bases: list[str], values: dict, inputs: InputIdentities) -> str:
+def cell_identity(config: dict, inputs: InputIdentities) -> str:
     """A hash of what decides a cell's result: its config as values and its inputs' identities."""
-    record = {"config": merged_config(bases, values), "set": inputs.of_set(bases, values),
-              "teacher": inputs.of_teacher(bases, values)}
+    record = {"config": config, "set": inputs.of_set(config), "teacher": inputs.of_teacher(config)}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
