@@ -6,14 +6,16 @@ Two tables:
   encode and decode, and per image: plain DiT generation (50 DDIM steps with CFG + decode), D3HR's inversion
   (encode + 31 CFG steps to t = 600) and D3HR's generation (31 CFG steps from t = 600 + decode);
 * images/s of the same passes run through the suite's modules (``LatentGenerator.predict_step`` and
-  ``LatentInverter.predict_step``), batched, bf16 autocast on a GPU, with peak GPU memory; then the Minimax /
-  seed-001 fine-tune step (``DiTDiffusionPrior.training_step``: DiffFit on the first half of the blocks, the
+  ``LatentInverter.predict_step``), batched, autocast to ``--dtype`` on a GPU (bf16), with peak GPU memory; then
+  the Minimax / seed-001 fine-tune step (``DiTDiffusionPrior.training_step``: DiffFit on the first half of the blocks, the
   learned-variance hybrid loss, memory banks of 64, AdamW and the EMA, at Minimax's batch 8 and at 32) and D4M's
   img2img (``PromptedImg2Img.predict_step``: SD v1.5's architecture at 512 px, PNDM 50 steps at strength 0.7, CFG 8).
 
     python bench/generate_throughput.py                 # GPU: DiT-XL/2 at 256 px + SD's VAE, batch 32, bf16
     python bench/generate_throughput.py --tiny          # CPU check with the tests' tiny DiT (32 px)
     python bench/generate_throughput.py --flops         # the FLOP table only (meta device, instant)
+    python bench/generate_throughput.py --dtype float32 # the references' precision: Minimax / Li et al. (fp32)
+    python bench/generate_throughput.py --dtype float16 # D3HR's and D4M's (fp16 autocast)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ DIT_XL_2 = {"num_attention_heads": 16, "attention_head_dim": 72, "num_layers": 2
             "patch_size": 2, "in_channels": 4, "out_channels": 8, "num_embeds_ada_norm": 1000}
 DIT_TINY = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "sample_size": 8, "patch_size": 2,
             "in_channels": 4, "out_channels": 8, "num_embeds_ada_norm": 1000}
+DTYPES = ("bfloat16", "float16", "float32")
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
             "clip_sample": False}
 
@@ -54,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50, help="the DDIM grid")
     parser.add_argument("--batches", type=int, default=3, help="timed batches per pass (after one warm-up)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                        help="autocast dtype on a GPU (float32: none, the Minimax / Li et al. reference; float16: "
+                             "D3HR's and D4M's)")
     args = parser.parse_args()
     if args.tiny:
         args.batch, args.batches = 8, 2
@@ -112,7 +118,9 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     transformer, vae = architectures(args.tiny)
-    print(f"device: {name}; {'tiny DiT' if args.tiny else 'DiT-XL/2 + SD VAE'}, random weights, batch {args.batch}")
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    print(f"device: {name}; {'tiny DiT' if args.tiny else 'DiT-XL/2 + SD VAE'}, random weights, batch {args.batch}, "
+          f"{dtype}")
     print("\n| pass | GFLOP per image |\n|---|---|")
     for label, flops in flop_table(transformer, vae, args.steps):
         print(f"| {label} | {flops / 1e9:,.3f} |")
@@ -123,7 +131,6 @@ def main() -> None:
     prior = build_dit_prior(None, transformer, vae, SCHEDULE, frozen=True)
     folders = [f"c{i:04d}" for i in range(transformer["num_embeds_ada_norm"])]
     prior.class_mapping = ClassMapping.for_folders(folders)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as folder:
         save_dit_prior(folder, prior)
         sampling = SamplingOptions(steps=args.steps)
@@ -145,7 +152,7 @@ def main() -> None:
     print("\n| pass | images/s | peak GPU memory (GiB) |\n|---|---|---|")
     for label, run in passes.items():
         reset_peak(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             rate = timed(run, args.batches, args.batch, device)
         print(f"| {label} | {rate:,.1f} | {peak_gib(device):.1f} |", flush=True)
     del generator, d3hr, inverter
@@ -184,7 +191,7 @@ def finetune_table(prior, transformer: dict, args: argparse.Namespace, device: t
                 labels = torch.arange(batch, device=device) % 10
 
                 def step() -> None:
-                    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                         loss = module.training_step(ImageBatch(images, labels, 0), 0)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -19,9 +19,10 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from patchdd.data.sources import (CLASS_MAPPING_FILE, IMAGENET_MEAN, IMAGENET_STD, ArrayImageSource, ClassMapping,
-                                  FileImageSource, ImageSource, LabelledImages, collate_readable, eval_transform,
-                                  list_class_folders, scan_class_folders, scan_flat_folder, train_transform)
+from patchdd.data.sources import (CLASS_MAPPING_FILE, IMAGENET_MEAN, IMAGENET_STD, TRAIN_CROPS, ArrayImageSource,
+                                  ClassMapping, FileImageSource, ImageSource, LabelledImages, collate_readable,
+                                  eval_transform, list_class_folders, scan_class_folders, scan_flat_folder,
+                                  train_transform)
 from patchdd.data.subsets import resolve_classes
 from patchdd.errors import DataError
 from patchdd.datamodules.resumable import ResumableLoader
@@ -56,6 +57,8 @@ class RealDataModule(L.LightningDataModule):
         eval_resize: evaluation resize of the short side before the centre crop (default RDED's ``image_size // 7 * 8``:
             256 at 224 px, 144 at 128 px, 72 at 64 px).
         train_scale: area range of the training ``RandomResizedCrop``.
+        train_crop: ``random_resized`` (``RandomResizedCrop`` over ``train_scale``) or ``center_crop_arr`` (ADM's
+            centre crop: the short side to ``image_size``, the centre square; Minimax's and Li et al.'s fine-tune).
         mean: per-channel normalisation mean (ImageNet's by default).
         std: per-channel normalisation std (ImageNet's by default).
         batch_size: training batch size.
@@ -76,9 +79,12 @@ class RealDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         persistent_workers: bool = True,
+        train_crop: str = "random_resized",
     ) -> None:
         super().__init__()
-        self.image_size = image_size
+        if train_crop not in TRAIN_CROPS:
+            raise ValueError(f"train_crop must be one of {TRAIN_CROPS}, got {train_crop!r}")
+        self.image_size, self.train_crop = image_size, train_crop
         self.eval_resize = eval_resize or image_size // 7 * 8  # RDED: Resize(s // 7 * 8) -> CenterCrop(s)
         self.train_scale = tuple(train_scale)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -112,7 +118,7 @@ class RealDataModule(L.LightningDataModule):
         save_class_mapping(self.trainer, self.class_mapping)
 
     def train_dataset(self) -> Dataset:
-        tf = train_transform(self.image_size, self.train_scale, self.mean, self.std)
+        tf = train_transform(self.image_size, self.train_scale, self.mean, self.std, self.train_crop)
         return LabelledImages(self.source("train"), tf)
 
     def eval_dataset(self) -> Dataset:

@@ -18,8 +18,9 @@ import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
-from patchdd.data.scoring_images import (SKIP_OPTION, ResizeGeometry, ScoringImages, ShardedBucketBatchSampler, collate_scoring,
-                                         plan_resize, scan_sizes)
+from patchdd.data.scoring_images import (RESIZE_MODES, SKIP_OPTION, ResizeGeometry, ScoringImages,
+                                         ShardedBucketBatchSampler, collate_scoring, plan_resize, scan_sizes,
+                                         torchvision_geometry)
 from patchdd.data.sources import ClassMapping, ImageSource, data_fingerprint, seeded_subset
 from patchdd.datamodules.real import RealDataModule
 from patchdd.errors import DataError
@@ -59,6 +60,8 @@ class ScoringDataModule(L.LightningDataModule):
         max_aspect: the long side is capped at this times ``image_size`` (centre-cropped beyond).
         whole_image: resize every image to ``image_size`` x ``image_size`` (low-resolution sets: CIFAR,
             TinyImageNet); pair with the scorer's ``patch_size: null``.
+        resize: ``buckets`` (short side to ``image_size`` by bicubic, the long side to a bucket) or ``torchvision``
+            (torchvision's own ``Resize(image_size)`` -> ``CenterCrop(image_size)``, bilinear: D3HR's inversion).
         max_images_per_class: score a seeded random subset of at most this many images per class.
         subset_seed: seed of that subset.
         batch_size: images per predict step (the UNet sees 2 x this).
@@ -71,8 +74,12 @@ class ScoringDataModule(L.LightningDataModule):
                  split: str = "train", image_size: int = 256,
                  bucket_multiple: int = 64, max_aspect: float = 2.0, whole_image: bool = False,
                  max_images_per_class: int | None = None, subset_seed: int = 0, batch_size: int = 32,
-                 num_workers: int = 4, skip_unreadable: bool = False, scan_workers: int = 16) -> None:
+                 num_workers: int = 4, skip_unreadable: bool = False, scan_workers: int = 16,
+                 resize: str = "buckets") -> None:
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.resize = resize
         if not whole_image and image_size % bucket_multiple:
             raise ValueError(f"image_size {image_size} must be a multiple of bucket_multiple {bucket_multiple}")
         if root is not None:
@@ -102,7 +109,7 @@ class ScoringDataModule(L.LightningDataModule):
     def settings(self) -> dict:
         """The data settings that decide what a score store holds (compared on resume)."""
         return {"split": self.split, "image_size": self.image_size, "bucket_multiple": self.bucket_multiple,
-                "max_aspect": self.max_aspect, "whole_image": self.whole_image,
+                "max_aspect": self.max_aspect, "whole_image": self.whole_image, "resize": self.resize,
                 "max_images_per_class": self.max_images_per_class, "subset_seed": self.subset_seed}
 
     def describe(self) -> dict:
@@ -156,7 +163,8 @@ class ScoringDataModule(L.LightningDataModule):
         if unreadable:
             warnings.warn(f"skipping {len(unreadable)} unreadable image(s): {unreadable[:5]}", stacklevel=2)
         kept = [(p, s) for p, s in zip(positions, sizes) if s is not None]
-        geometry = [plan_resize(w, h, self.image_size, self.bucket_multiple, self.max_aspect, self.whole_image)
+        geometry = [torchvision_geometry(w, h, self.image_size) if self.resize == "torchvision" else
+                    plan_resize(w, h, self.image_size, self.bucket_multiple, self.max_aspect, self.whole_image)
                     for _, (w, h) in kept]
         return [p for p, _ in kept], geometry
 
@@ -169,6 +177,6 @@ class ScoringDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         shapes = [(g.out_height, g.out_width) for g in geometry]
         sampler = ShardedBucketBatchSampler(shapes, self.batch_size, rank, world)
-        dataset = ScoringImages(self.source, positions, geometry, self.skip_unreadable)
+        dataset = ScoringImages(self.source, positions, geometry, self.skip_unreadable, self.resize)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate_scoring,
                           pin_memory=torch.cuda.is_available())

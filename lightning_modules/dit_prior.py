@@ -55,8 +55,12 @@ class MemoryOptions:
         real_capacity: vectors per class in the real bank (N_R).
         gen_capacity: vectors per class in the generated bank (N_G).
         eviction: ``fifo`` (Minimax) or ``max_similarity`` (Li et al.).
-        evict_every: ``step`` (the public code) or ``epoch`` (Li et al.'s paper).
-        legacy_accumulation: Li et al.'s code's repeated addition of the running sums (off: the terms count once).
+        evict_every: ``step`` (both public codes: a bank is trimmed to capacity as it is filled) or ``epoch`` (the
+            suite's reading of Li et al.'s figure caption: banks grow unbounded within an epoch, e.g. 115-175 per
+            class against a capacity of 64, and are trimmed at its end; no reference code does this).
+        legacy_accumulation: Li et al.'s code's loss (its reference: ``configs/prior/adaptive_memory.yaml`` sets it):
+            the running sums added at every class of a set-ordered loop; off: each term counts once (Minimax's
+            code, and Li et al.'s paper).
     """
 
     lambda_real: float = 0.002
@@ -97,6 +101,8 @@ class DiTDiffusionPrior(PriorExport, L.LightningModule):
         warmup_steps: linear warm-up steps.
         decay_fraction: the last fraction of the steps runs at a tenth of the learning rate.
         export_dir: where ``fit`` writes the DiT folder at its end (``None``: nowhere).
+        meta_dit: train Meta's DiT (timestep frequencies / 128, LayerNorm eps 1e-6), as Minimax and Li et al.
+            fine-tune ``facebook/DiT-XL-2-256``; ``False``: diffusers' variant.
     """
 
     def __init__(
@@ -116,6 +122,7 @@ class DiTDiffusionPrior(PriorExport, L.LightningModule):
         warmup_steps: int = 100,
         decay_fraction: float = 0.15,
         export_dir: str | None = None,
+        meta_dit: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -130,7 +137,8 @@ class DiTDiffusionPrior(PriorExport, L.LightningModule):
         self.memory = memory
         if memory is not None and memory.evict_every not in ("step", "epoch"):
             raise ValueError(f"memory.evict_every must be step or epoch, got {memory.evict_every!r}")
-        prior = build_dit_prior(pretrained, transformer, scheduler=scheduler, vae_from=vae_from, name="trained")
+        prior = build_dit_prior(pretrained, transformer, scheduler=scheduler, vae_from=vae_from, name="trained",
+                                meta_dit=meta_dit)
         self.transformer, self.vae, self.noise_scheduler = prior.transformer, prior.vae, prior.scheduler
         self.vae.requires_grad_(False)
         self.class_mapping, self.built = prior.class_mapping, transformer is not None

@@ -15,10 +15,11 @@ import torch
 from diffusers import PNDMScheduler
 
 from patchdd.data.sources import ClassMapping
+from patchdd.data.subsets import d4m_label, synset_line
 from patchdd.generation.plan import D4MOptions, SamplingOptions, WorkBatch
-from patchdd.generation.sampling import (ancestral_sample, ancestral_scheduler, ddim_sample, ddim_schedulers,
+from patchdd.generation.sampling import (FINAL_STEPS, ancestral_sample, ancestral_scheduler, ddim_sample, ddim_schedulers,
                                          guided_model, restart_index)
-from patchdd.priors.dit import DEFAULT_DIT, DiTPrior, load_dit_prior
+from patchdd.priors.dit import DEFAULT_DIT, DiTPrior, load_dit_prior, load_vae
 from patchdd.priors.sd import DEFAULT_PRIOR, load_prior
 
 SAMPLERS = ("ddim", "ancestral")
@@ -33,18 +34,28 @@ class LatentGenerator(L.LightningModule):
         start_timestep: items with a starting latent restart at this grid timestep (D3HR: 600); ``None``: every
             item starts from noise at the first grid timestep.
         restart_offset: restart this many grid steps earlier than ``start_timestep`` (D3HR's code: 1).
+        final_steps: DDIM's last steps: ``scheduler`` or ``d3hr_code`` (both end at abar[1], as D3HR's code).
         revision: hub revision of the prior.
+        vae: the VAE that decodes the latents: a hub id or folder (``stabilityai/sd-vae-ft-mse``, which Minimax's
+            and Li et al.'s ``sample.py`` decode with); ``None``: the prior's own.
+        meta_dit: compute Meta's DiT (timestep frequencies / 128, LayerNorm eps 1e-6), as the references run
+            ``facebook/DiT-XL-2-256``; ``False``: diffusers' variant.
     """
 
     def __init__(self, prior: str = DEFAULT_DIT, sampling: SamplingOptions = SamplingOptions(),
-                 start_timestep: int | None = None, restart_offset: int = 0, revision: str | None = None) -> None:
+                 start_timestep: int | None = None, restart_offset: int = 0, final_steps: str = "scheduler",
+                 revision: str | None = None, vae: str | None = None, meta_dit: bool = True) -> None:
         super().__init__()
         if sampling.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampling.sampler!r}")
         if sampling.sampler == "ancestral" and start_timestep is not None:
             raise ValueError("the ancestral sampler starts from noise only (start_timestep must be None)")
-        self.sampling = sampling
-        self.dit: DiTPrior = load_dit_prior(prior, revision)
+        if final_steps not in FINAL_STEPS:
+            raise ValueError(f"final_steps must be one of {FINAL_STEPS}, got {final_steps!r}")
+        self.sampling, self.final_steps = sampling, final_steps
+        self.dit: DiTPrior = load_dit_prior(prior, revision, meta_dit=meta_dit)
+        if vae is not None:
+            self.dit.vae = load_vae(vae)
         if sampling.sampler == "ancestral" and not self.dit.learns_sigma:
             raise ValueError(f"the ancestral sampler needs a DiT with a learned variance; {prior!r} predicts "
                              "epsilon only (use sampler: ddim)")
@@ -75,7 +86,7 @@ class LatentGenerator(L.LightningModule):
         if self.sampling.sampler == "ancestral":  # the items' generators go on drawing the step noise
             latents = ancestral_sample(model_fn, latents, self.scheduler, generators)
         else:
-            latents = ddim_sample(model_fn, latents, self.scheduler, self.start_index)
+            latents = ddim_sample(model_fn, latents, self.scheduler, self.start_index, self.final_steps)
         return self.dit.decode(latents.float()).cpu(), batch.items
 
 
@@ -96,12 +107,15 @@ class PromptedImg2Img(L.LightningModule):
         self.options = options
         self.prior = load_prior(prior, revision)
         self.scheduler = PNDMScheduler.from_config(self.prior.scheduler.config, skip_prk_steps=True)
-        self.names: dict[str, str] = {}
+        self.prompts: dict[str, str] = {}
         self._pipeline = None
 
     def use_classes(self, classes: ClassMapping) -> None:
-        """The display names the prompts use, by class folder."""
-        self.names = dict(zip(classes.folders, classes.names))
+        """Each class's prompt (``options.prompt_template`` filled with its display name, synset line and D4M
+        label line), by class folder."""
+        self.prompts = {folder: self.options.prompt_template.format(name=name, synset=synset_line(folder),
+                                                                    d4m_label=d4m_label(folder))
+                        for folder, name in zip(classes.folders, classes.names)}
 
     @property
     def start_timestep_used(self) -> int:
@@ -125,7 +139,7 @@ class PromptedImg2Img(L.LightningModule):
     def predict_step(self, batch: WorkBatch, batch_idx: int = 0) -> tuple[torch.Tensor, list]:
         """uint8 images (B, 3, H, W) on the CPU, and the batch's items."""
         options = self.options
-        prompts = [options.prompt_template.format(name=self.names[item.folder]) for item in batch.items]
+        prompts = [self.prompts[item.folder] for item in batch.items]
         images = self.pipeline()(prompt=prompts, negative_prompt=[options.negative_prompt] * len(prompts),
                                  image=batch.inits.to(self.device), strength=options.strength,
                                  guidance_scale=options.cfg_scale, num_inference_steps=options.steps,

@@ -32,23 +32,25 @@ class LatentInverter(L.LightningModule):
         timestep: invert up to this grid timestep (D3HR: 600, the latent its generation restarts from).
         cfg_scale: classifier-free guidance of the inversion's noise predictions (D3HR: 4).
         cfg_channels: guided latent channels (``None``: all, as D3HR; 3: Meta's DiT).
-        skip_first: leave out the t = 0 inversion step (D3HR's code) instead of starting from abar = 1 (the paper's
-            31 steps to t = 600).
+        skip_first: leave out the t = 0 inversion step, as D3HR's code does (the reference); ``False`` starts from
+            abar = 1 (the paper's 31 steps to t = 600).
         latent_mode: ``sample`` the VAE posterior (D3HR) or take its ``mean``.
         seed: seed of the per-image posterior samples.
+        meta_dit: compute Meta's DiT (timestep frequencies / 128, LayerNorm eps 1e-6), as D3HR runs
+            ``facebook/DiT-XL-2-256``; ``False``: diffusers' variant.
     """
 
     output_store = "latent_stats"  # what LatentStatsWriter (--stats.dir) writes
 
     def __init__(self, prior: str = DEFAULT_DIT, revision: str | None = None, steps: int = 50, timestep: int = 600,
-                 cfg_scale: float = 4.0, cfg_channels: int | None = None, skip_first: bool = False,
-                 latent_mode: str = "sample", seed: int = 0) -> None:
+                 cfg_scale: float = 4.0, cfg_channels: int | None = None, skip_first: bool = True,
+                 latent_mode: str = "sample", seed: int = 0, meta_dit: bool = True) -> None:
         super().__init__()
         if latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
         self.steps, self.timestep, self.cfg_scale, self.cfg_channels = steps, timestep, cfg_scale, cfg_channels
-        self.skip_first, self.latent_mode, self.seed = skip_first, latent_mode, seed
-        self.dit: DiTPrior = load_dit_prior(prior, revision)
+        self.skip_first, self.latent_mode, self.seed, self.meta_dit = skip_first, latent_mode, seed, meta_dit
+        self.dit: DiTPrior = load_dit_prior(prior, revision, meta_dit=meta_dit)
         self.prior_hash = weights_hash(self.dit.transformer)
         self.inverse_scheduler = ddim_schedulers(self.dit.scheduler.config, steps)[1]
         self.model_labels: torch.Tensor | None = None
@@ -57,7 +59,7 @@ class LatentInverter(L.LightningModule):
         """The inversion settings a statistics store records and checks on resume."""
         return {"prior_hash": self.prior_hash, "steps": self.steps, "timestep": self.timestep,
                 "cfg_scale": self.cfg_scale, "cfg_channels": self.cfg_channels, "skip_first": self.skip_first,
-                "latent_mode": self.latent_mode, "seed": self.seed}
+                "latent_mode": self.latent_mode, "seed": self.seed, "meta_dit": self.meta_dit}
 
     def setup(self, stage: str) -> None:
         self.use_classes(self.trainer.datamodule.class_mapping.folders)

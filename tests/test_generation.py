@@ -264,8 +264,13 @@ def test_generate_d3hr_writes_sets_that_reload(toy_root, toy_dit_dir, tmp_path):
     synthetic = read_synthetic_folder(tmp_path / "out" / "ipc2")
     assert synthetic.images.shape == (8, 3, 64, 64) and synthetic.grid == 1
     rows = pq.read_table(tmp_path / "out" / "ipc2" / PROVENANCE_FILE).to_pylist()
-    assert {r["init"] for r in rows} == {"group"} and {r["start_timestep"] for r in rows} == {600}
-    assert all(r["group_score"] is not None for r in rows)
+    # the reference profile restarts the t = 600 latent one grid step early, as D3HR's code (10 steps: t = 700)
+    assert {r["init"] for r in rows} == {"group"} and {r["start_timestep"] for r in rows} == {700}
+    assert all(r["group_score"] is not None for r in rows) and {r["profile"] for r in rows} == {"reference"}
+    generate("d3hr", str(tmp_path / "paper"), str(toy_dit_dir), ipc=[1], profile="paper", stats=str(tmp_path / "stats"),
+             sampling=SamplingOptions(steps=10), d3hr=options, batch_size=3, progress=False)
+    rows = pq.read_table(tmp_path / "paper" / "ipc1" / PROVENANCE_FILE).to_pylist()
+    assert {r["start_timestep"] for r in rows} == {600} and rows[0]["profile"].startswith("paper (IPC 1: the suite's")
     with pytest.raises(StoreMismatchError, match="other DiT weights"):
         other = save_tiny_dit(tmp_path / "other", synthetic.classes.folders, sample_size=16, learn_sigma=False, seed=3)
         generate("d3hr", str(tmp_path / "out2"), str(other), ipc=[2], stats=str(tmp_path / "stats"), d3hr=options,
@@ -388,19 +393,44 @@ def test_the_committed_toy_dit_makes_images_the_toy_teacher_recognises(tmp_path,
 # --- D4M ----------------------------------------------------------------------------------------------------------
 
 
-def test_d4m_prototypes_fit_every_chunk_of_every_class():
-    from patchdd.errors import NotEnoughPatchesError
-    from patchdd.generation.prototypes import kmeans_prototypes, partial_fit_chunks
+def d4m_code_centres(latents: np.ndarray, labels: list[int], ipc: int, km_expand: int) -> dict[int, np.ndarray]:
+    """A transcription of D4M's ``prototype_kmeans`` loop over a (shuffled) stream of latents."""
+    from sklearn.cluster import MiniBatchKMeans
 
-    chunks = partial_fit_chunks(23, 10, km_expand=1)
-    assert [c.stop - c.start for c in chunks] == [10, 10, 3]  # floor(23 / 10) chunks and the leftover one
-    assert len(partial_fit_chunks(40, 5, km_expand=2)) == 4
-    latents = np.random.default_rng(0).standard_normal((23, 12))
-    first = kmeans_prototypes(latents, 10)
-    assert first.shape == (10, 12) and np.array_equal(first, kmeans_prototypes(latents, 10))
-    assert kmeans_prototypes(latents, 4, mode="full").shape == (4, 12)
+    models = {c: MiniBatchKMeans(n_clusters=ipc, random_state=0, batch_size=km_expand * ipc, n_init="auto")
+              for c in set(labels)}
+    pending = {c: [] for c in set(labels)}
+    for latent, c in zip(latents, labels):
+        pending[c].append(latent[None])
+        if len(pending[c]) == km_expand * ipc:
+            models[c].partial_fit(np.vstack(pending[c]))
+            pending[c] = []
+    if len(pending[c]) >= ipc:  # the last image's class only
+        models[c].partial_fit(np.vstack(pending[c]))
+    return {c: m.cluster_centers_ for c, m in models.items()}
+
+
+def test_d4m_prototypes_follow_d4ms_chunks_and_the_suite_fits_every_leftover():
+    from patchdd.errors import NotEnoughPatchesError
+    from patchdd.generation.prototypes import kmeans_prototypes, partial_fit_chunks, stream_order
+
+    assert [c.stop - c.start for c in partial_fit_chunks(23, 10, km_expand=1)] == [10, 10]  # the code's full chunks
+    assert [c.stop - c.start for c in partial_fit_chunks(23, 10, 1, leftover="all")] == [10, 10, 3]
+    rng = np.random.default_rng(0)
+    latents, labels = rng.standard_normal((47, 12)), rng.integers(0, 2, 47).tolist()
+    reference = d4m_code_centres(latents, labels, ipc=5, km_expand=1)
+    for c in (0, 1):
+        own = latents[[i for i, label in enumerate(labels) if label == c]]  # this class's latents in stream order
+        assert np.array_equal(kmeans_prototypes(own, 5), reference[c])
+        assert not np.array_equal(kmeans_prototypes(own, 5, leftover="all"), reference[c]) or len(own) % 5 == 0
+    order = stream_order(23, "shuffled", 0, "n01440764")
+    assert sorted(order) == list(range(23)) and not np.array_equal(order, np.arange(23))
+    assert np.array_equal(order, stream_order(23, "shuffled", 0, "n01440764"))
+    assert kmeans_prototypes(latents[:23], 4, mode="full").shape == (4, 12)
     with pytest.raises(NotEnoughPatchesError, match="cannot give 30 prototypes"):
-        kmeans_prototypes(latents, 30)
+        kmeans_prototypes(latents[:23], 30)
+    with pytest.raises(NotEnoughPatchesError, match="fills no k-means chunk"):
+        kmeans_prototypes(latents[:7], 4, km_expand=2)
 
 
 def test_d4m_img2img_starts_where_diffusers_starts(prior_dir):

@@ -81,6 +81,27 @@ def plan_resize(width: int, height: int, image_size: int, multiple: int = 64, ma
     return ResizeGeometry(width, height, image_size, resized_long, 0, offset, image_size, out_long)
 
 
+RESIZE_MODES = ("buckets", "torchvision")
+
+
+def torchvision_geometry(width: int, height: int, image_size: int) -> ResizeGeometry:
+    """The geometry of torchvision's ``Resize(image_size)`` -> ``CenterCrop(image_size)`` (D3HR's preprocessing):
+    the long side truncated, the crop offset rounded, as torchvision computes them."""
+    from torchvision.transforms.functional import _compute_resized_output_size
+
+    resized_height, resized_width = _compute_resized_output_size([height, width], [image_size])
+    return ResizeGeometry(width, height, resized_width, resized_height, int(round((resized_width - image_size) / 2)),
+                          int(round((resized_height - image_size) / 2)), image_size, image_size)
+
+
+def torchvision_resize_crop(image: Image.Image, image_size: int) -> torch.Tensor:
+    """The uint8 image of torchvision's own ``Resize(image_size)`` (bilinear, antialiased) -> ``CenterCrop``."""
+    from torchvision import transforms
+
+    return TF.pil_to_tensor(transforms.Compose([transforms.Resize(image_size),
+                                                transforms.CenterCrop(image_size)])(image))
+
+
 def resize_for_scoring(image: Image.Image, geometry: ResizeGeometry) -> torch.Tensor:
     """The scored image (uint8, 3 x out_height x out_width) of ``geometry``."""
     resized = TF.resize(image, [geometry.resized_height, geometry.resized_width],
@@ -114,9 +135,9 @@ class ScoringImages(Dataset):
     """Item ``j`` = the ``positions[j]``-th image of a source, resized per its planned geometry."""
 
     def __init__(self, source: ImageSource, positions: Sequence[int], geometry: Sequence[ResizeGeometry],
-                 skip_unreadable: bool) -> None:
+                 skip_unreadable: bool, resize: str = "buckets") -> None:
         self.source, self.positions, self.geometry = source, list(positions), list(geometry)
-        self.skip_unreadable = skip_unreadable
+        self.skip_unreadable, self.resize = skip_unreadable, resize
         self.ids = source.ids
 
     def __len__(self) -> int:
@@ -137,7 +158,9 @@ class ScoringImages(Dataset):
             return image_id
         if image.size != (geometry.width, geometry.height):
             raise DataError(f"image {image_id} changed size since it was scanned: {image.size}")
-        return (resize_for_scoring(image, geometry), TF.pil_to_tensor(image), self.source.labels[position],
+        scored = torchvision_resize_crop(image, geometry.out_width) if self.resize == "torchvision" else \
+            resize_for_scoring(image, geometry)
+        return (scored, TF.pil_to_tensor(image), self.source.labels[position],
                 image_id, geometry, file_bytes)
 
 

@@ -19,6 +19,7 @@ import json
 import random
 import warnings
 import zlib
+from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,13 +299,30 @@ def teacher_output_positions(teacher_folders: Sequence[str], data_folders: Seque
     return [position[f] for f in data_folders]
 
 
-def train_transform(image_size: int, scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]):
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=scale, antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+TRAIN_CROPS = ("random_resized", "center_crop_arr")
+
+
+def adm_center_crop(image: Image.Image, image_size: int) -> Image.Image:
+    """ADM's ``center_crop_arr`` (guided-diffusion, as Minimax and Li et al. fine-tune DiT): halve with a box
+    filter while the short side is at least twice ``image_size``, resize the short side to ``image_size`` (bicubic,
+    the long side rounded), crop the centre square (offsets floored)."""
+    while min(image.size) >= 2 * image_size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - image_size) // 2, (image.size[1] - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+def train_transform(image_size: int, scale: tuple[float, float], mean: Sequence[float], std: Sequence[float],
+                    crop: str = "random_resized"):
+    """Training crops (``random_resized``: ``RandomResizedCrop`` over ``scale``; ``center_crop_arr``: ADM's
+    centre crop, :func:`adm_center_crop`), a horizontal flip, normalisation."""
+    if crop not in TRAIN_CROPS:
+        raise ValueError(f"train_crop must be one of {TRAIN_CROPS}, got {crop!r}")
+    cropping = T.RandomResizedCrop(image_size, scale=scale, antialias=True) if crop == "random_resized" else \
+        T.Lambda(partial(adm_center_crop, image_size=image_size))
+    return T.Compose([cropping, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def eval_transform(image_size: int, resize: int, mean: Sequence[float], std: Sequence[float]):

@@ -46,16 +46,38 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
+# D4M's label list (``distillation/label-prompt/imagenet_classes.txt``) is the standard synset lines except for the two
+# cranes, whose lines it swaps: the bird (n02012849) reads "crane,machine" and the machine (n03126707) "crane, bird".
+D4M_LABEL_LINES = {"n02012849": "crane,machine", "n03126707": "crane, bird"}
+
+
 @lru_cache(maxsize=1)
-def imagenet_wnid_to_name() -> dict[str, str]:
-    """The 1000 ImageNet-1K wnids mapped to their first WordNet lemma ("golden retriever").
+def imagenet_synset_lines() -> dict[str, str]:
+    """The 1000 ImageNet-1K wnids mapped to their synset line, all lemmas ("tench, Tinca tinca"), as in the
+    ``LOC_synset_mapping.txt`` that ImageNet comes with.
 
     The synset list and lemmas ship with timm (``timm/data/_info``), a dependency of this package.
     """
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo("imagenet-1k")
-    return {wnid: info.label_name_to_description(wnid).split(",")[0].strip() for wnid in info.label_names()}
+    return {wnid: info.label_name_to_description(wnid) for wnid in info.label_names()}
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnid_to_name() -> dict[str, str]:
+    """The 1000 ImageNet-1K wnids mapped to their first WordNet lemma ("golden retriever")."""
+    return {wnid: line.split(",")[0].strip() for wnid, line in imagenet_synset_lines().items()}
+
+
+def synset_line(folder: str) -> str:
+    """A class's whole synset line for an ImageNet wnid, else its display name."""
+    return imagenet_synset_lines().get(folder) or display_name(folder)
+
+
+def d4m_label(folder: str) -> str:
+    """A class's line of D4M's ImageNet label list (its prompt): the synset line, the two cranes swapped."""
+    return D4M_LABEL_LINES.get(folder) or synset_line(folder)
 
 
 def imagenet_wnids() -> list[str]:

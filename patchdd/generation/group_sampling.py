@@ -1,9 +1,11 @@
 """D3HR's group sampling: among many candidate groups of IPC latents drawn from a class's Gaussian, keep the
 group whose moments match it best. Plain functions on tensors.
 
-Candidates are drawn in canonical blocks of ``block_size`` groups, each block from its own generator seeded by
-(seed, class, block index); a processing batch is a whole number of blocks, so the winner does not depend on the
-batch size (only on the device: CPU and CUDA generators draw different numbers).
+Candidates are drawn in canonical blocks of ``block_size`` groups, each block from its own generator; a processing
+batch is a whole number of blocks, so the winner does not depend on the batch size (only on the device: CPU and
+CUDA generators draw different numbers). Block ``i``'s seed (:data:`SEEDINGS`) is D3HR's code's ``i * 12345`` (plus
+``seed``; the same blocks for every class, as its ``torch.manual_seed(i * 12345)`` before blocks of 10^4 groups) or
+a hash of (seed, class, block).
 """
 
 from __future__ import annotations
@@ -15,12 +17,23 @@ import torch
 
 SCORE_VARIANTS = ("paper", "d3hr_code")
 DEFAULT_WEIGHTS = {"paper": (1.0, 1.0, 0.5), "d3hr_code": (1.0, 1.0, 0.1)}
+SEEDINGS = ("d3hr_code", "hashed")
 
 
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (strings, ints): stable across runs, machines and Python versions."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def block_seed(seeding: str, seed: int, class_key: str, block: int) -> int:
+    """The seed of candidate block ``block``: ``seed + block * 12345`` (``d3hr_code``: D3HR's code at seed 0, the
+    same for every class) or a hash of (seed, class, block) (``hashed``: every class its own candidates)."""
+    if seeding == "d3hr_code":
+        return seed + block * 12345
+    if seeding == "hashed":
+        return derive_seed(seed, class_key, block)
+    raise ValueError(f"seeding must be one of {SEEDINGS}, got {seeding!r}")
 
 
 def per_dimension_skewness(groups: torch.Tensor) -> torch.Tensor:
@@ -59,10 +72,11 @@ def group_scores(groups: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 
 
 def candidate_block(mean: torch.Tensor, std: torch.Tensor, ipc: int, block_size: int, seed: int) -> torch.Tensor:
-    """``block_size`` groups of ``ipc`` latents drawn from N(mean, diag(std^2)) with one seeded generator."""
+    """``block_size`` groups of ``ipc`` latents drawn from N(mean, diag(std^2)) with one seeded generator, by
+    ``torch.normal`` on the expanded moments as D3HR's code draws them (the same numbers on the same device)."""
     generator = torch.Generator(device=mean.device).manual_seed(seed)
-    noise = torch.randn((block_size, ipc, mean.numel()), generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + std * noise
+    shape = (block_size, ipc, mean.numel())
+    return torch.normal(mean.expand(shape), std.expand(shape), generator=generator)
 
 
 # Float32 tensors of the candidate batch's size alive at once while it is scored: the candidates, their centred
@@ -83,15 +97,17 @@ class ChosenGroup(NamedTuple):
 
 def group_sample(mean: torch.Tensor, std: torch.Tensor, ipc: int, candidates: int, seed: int, class_key: str,
                  block_size: int = 1024, blocks_per_batch: int = 8,
-                 weights: tuple[float, float, float] | None = None, variant: str = "paper") -> ChosenGroup:
+                 weights: tuple[float, float, float] | None = None, variant: str = "paper",
+                 seeding: str = "hashed") -> ChosenGroup:
     """The best of ``candidates`` groups (rounded up to whole blocks) for one class, scored ``blocks_per_batch``
-    blocks at a time on ``mean``'s device. Deterministic given (seed, class_key, block_size, device)."""
+    blocks at a time on ``mean``'s device; the first of equal scores wins, as in D3HR's code. Deterministic given
+    (seed, class_key, block_size, seeding, device)."""
     if candidates < 1 or block_size < 1 or blocks_per_batch < 1:
         raise ValueError("candidates, block_size and blocks_per_batch must be positive")
     blocks = -(-candidates // block_size)
     best = ChosenGroup(torch.empty(0), float("inf"), -1)
     for first in range(0, blocks, blocks_per_batch):
-        batch = torch.cat([candidate_block(mean, std, ipc, block_size, derive_seed(seed, class_key, b))
+        batch = torch.cat([candidate_block(mean, std, ipc, block_size, block_seed(seeding, seed, class_key, b))
                            for b in range(first, min(blocks, first + blocks_per_batch))])
         scores = group_scores(batch, mean, std, weights, variant)
         position = int(scores.argmin())

@@ -79,22 +79,25 @@ def memory_losses(x0: torch.Tensor, labels: torch.Tensor, real: MemoryBank, gene
                   lambda_real: float = 0.002, lambda_gen: float = 0.008,
                   legacy_accumulation: bool = False) -> torch.Tensor:
     """``sum_c [lambda_r (1 - min cos(x0_c, real_c)) + lambda_g max cos(x0_c, gen_c)] / n_c`` over the classes c
-    in the batch whose generated bank is not empty (Minimax's condition); 0 otherwise. Only ``x0`` carries
-    gradient. ``legacy_accumulation`` reproduces Li et al.'s code, which adds the running sums inside the class
-    loop, so the k-th class's terms count n - k + 1 times (off by default)."""
+    in the batch whose generated bank is not empty (Minimax's condition; ``n_c`` counts every class in the batch);
+    0 otherwise. Only ``x0`` carries gradient.
+
+    ``legacy_accumulation`` reproduces Li et al.'s code exactly: it visits the batch's classes in the order of a
+    Python ``set`` of the labels and adds its running sums to the loss at every class it visits, an empty-bank
+    class included, so the k-th class's terms count n - k + 1 times."""
     flat = F.normalize(x0.flatten(1).float(), dim=1)
-    classes = labels.unique()
+    order = list(set(labels.tolist())) if legacy_accumulation else labels.unique().tolist()
     zero = flat.sum() * 0.0
     total, running = zero, zero
-    for c in classes.tolist():
+    for c in order:
         gen = generated.get(c)
-        if gen is None or len(gen) == 0:
-            continue
-        own = flat[labels == c]
-        term = lambda_gen * (own @ F.normalize(gen.float().to(own.device), dim=1).T).max()
-        bank = real.get(c)
-        if bank is not None and len(bank):
-            term = term + lambda_real * (1 - (own @ F.normalize(bank.float().to(own.device), dim=1).T).min())
-        running = running + term / len(classes)
-        total = total + running if legacy_accumulation else running
-    return total
+        if gen is not None and len(gen):
+            own = flat[labels == c]
+            term = lambda_gen * (own @ F.normalize(gen.float().to(own.device), dim=1).T).max()
+            bank = real.get(c)
+            if bank is not None and len(bank):
+                term = term + lambda_real * (1 - (own @ F.normalize(bank.float().to(own.device), dim=1).T).min())
+            running = running + term / len(order)
+        if legacy_accumulation:
+            total = total + running
+    return total if legacy_accumulation else running

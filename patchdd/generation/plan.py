@@ -41,27 +41,37 @@ class SamplingOptions:
 
 @dataclass
 class D3HROptions:
-    """D3HR's choices (paper defaults; the code's variants are options).
+    """D3HR's choices, by default as its public code runs them (``profile: reference``); ``--profile paper`` reads
+    the paper instead (:data:`PROFILES`).
 
     Args:
         timestep: the inverted latents' timestep, where generation restarts (600).
-        restart_offset: 0 restarts at that timestep (aligned); 1 one grid step earlier, as D3HR's code does.
-        candidates: candidate groups per class (the paper's m = 1e6; the code's literal is 1e8).
-        block_size: groups per canonically seeded block.
+        restart_offset: 1 restarts one grid step earlier than ``timestep``, as D3HR's code does (the t = 600
+            latent enters at t = 620); 0 restarts at it (the paper).
+        candidates: candidate groups per class: the code's ``m // 10`` blocks of 10^4 with its scripts' m = 10^5
+            (10^8); the paper's m = 10^6.
+        block_size: groups per seeded block (the code: 10^4).
         blocks_per_batch: blocks scored at once (memory: blocks x block_size x IPC x latent size floats).
-        score_variant: ``paper`` (per-dimension skewness, weights 1, 1, 0.5) or ``d3hr_code`` (1, 1, 0.1).
+        score_variant: ``d3hr_code`` (the code's per-member skewness, weights 1, 1, 0.1) or ``paper``
+            (per-dimension skewness, 1, 1, 0.5).
+        seeding: ``d3hr_code`` (block i seeded ``seed + i * 12345``, the same groups for every class) or ``hashed``
+            (every class its own candidates).
+        final_steps: ``d3hr_code`` (the code's last two steps both end at abar[1]) or ``scheduler`` (DDIM's own).
         weights: override of the (mean, std, skewness) weights.
-        device: where candidates are drawn and scored (``auto``: the GPU when there is one).
+        device: where candidates are drawn and scored (``auto``: the GPU when there is one; the code's groups are
+            reproduced on the device it ran on, CUDA).
         memory_limit_gb: the most memory group sampling may take at once; an IPC whose candidate batch needs more
             is refused before any work, with the figure (lower ``block_size`` or ``blocks_per_batch``).
     """
 
     timestep: int = 600
-    restart_offset: int = 0
-    candidates: int = 1_000_000
-    block_size: int = 1024
-    blocks_per_batch: int = 8
-    score_variant: str = "paper"
+    restart_offset: int = 1
+    candidates: int = 100_000_000
+    block_size: int = 10_000
+    blocks_per_batch: int = 1
+    score_variant: str = "d3hr_code"
+    seeding: str = "d3hr_code"
+    final_steps: str = "d3hr_code"
     weights: tuple[float, float, float] | None = None
     device: str = "auto"
     memory_limit_gb: float = 16.0
@@ -79,30 +89,41 @@ class D3HROptions:
 
 @dataclass
 class D4MOptions:
-    """D4M's choices (its public code's defaults).
+    """D4M's choices, by default as its public code runs them (``profile: reference``; ``--profile suite``: the
+    suite's earlier reading, :data:`PROFILES`).
 
     Args:
         image_size: the training images are squashed (not cropped) to this side before encoding (D4M: 512; it must
             be the prior's resolution).
+        resize_filter: the squash's filter: ``bilinear`` (D4M's torchvision ``Resize((512, 512))`` on a PIL image)
+            or ``bicubic``.
         latent_mode: ``sample`` the VAE posterior (D4M) or take its ``mean``.
         kmeans: ``minibatch`` (D4M's MiniBatchKMeans with partial_fit) or ``full``.
-        km_expand: D4M's chunk size factor: partial_fit on chunks of ``km_expand x IPC`` latents.
+        km_expand: D4M's chunk size factor: partial_fit on chunks of ``km_expand x IPC`` latents (its script: 1).
+        leftover: ``d4m_code`` fits full chunks only (with km_expand 1 the code never fits a leftover); ``all``
+            fits each class's shorter leftover chunk too.
+        order: ``shuffled`` streams each class's latents into k-means in a seeded random order (D4M's loader
+            shuffles, unseeded); ``files`` in file order.
         strength: img2img strength (0.7: 35 of 50 steps, from timesteps[15]).
         cfg_scale: classifier-free guidance against the negative prompt (8).
         steps: the scheduler's steps (PNDM, 50).
-        prompt_template: the class prompt; ``{name}`` is the class's display name.
+        prompt_template: the class prompt: ``{d4m_label}`` is the class's line of D4M's ``imagenet_classes.txt``
+            (the synset line, all synonyms), ``{synset}`` the standard synset line, ``{name}`` the display name.
         negative_prompt: D4M's "cartoon, anime, painting".
         encode_batch: images encoded at once.
     """
 
     image_size: int = 512
+    resize_filter: str = "bilinear"
     latent_mode: str = "sample"
     kmeans: str = "minibatch"
     km_expand: int = 1
+    leftover: str = "d4m_code"
+    order: str = "shuffled"
     strength: float = 0.7
     cfg_scale: float = 8.0
     steps: int = 50
-    prompt_template: str = "{name}"
+    prompt_template: str = "{d4m_label}"
     negative_prompt: str = "cartoon, anime, painting"
     encode_batch: int = 32
 
@@ -166,7 +187,7 @@ def group_items(classes: ClassMapping, model_labels: Sequence[int], ipc: int, se
         mean, variance = sums.gaussian(list(store_folders).index(folder))
         mean, std = mean.float().to(device), variance.float().sqrt().to(device)
         chosen = group_sample(mean, std, ipc, options.candidates, seed, folder, options.block_size,
-                              options.blocks_per_batch, options.weights, options.score_variant)
+                              options.blocks_per_batch, options.weights, options.score_variant, options.seeding)
         latents = chosen.latents.cpu().view(ipc, *latent_shape)
         items += [WorkItem(label, folder, model_labels[label], i, ipc, item_seed(seed, folder, i), latents[i],
                            chosen.score, chosen.index) for i in range(ipc)]

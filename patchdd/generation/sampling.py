@@ -1,7 +1,8 @@
 """Sampling primitives of the generative methods: plain functions on tensors, built on diffusers' schedulers.
 
 * :func:`guided_output`: classifier-free guidance with the conditional and null passes in one batch of 2B;
-* :func:`ddim_sample`: deterministic DDIM (``DDIMScheduler``, eta 0) from any start index of its grid;
+* :func:`ddim_sample`: deterministic DDIM (``DDIMScheduler``, eta 0) from any start index of its grid, or with
+  D3HR's code's final steps (:data:`FINAL_STEPS`);
 * :func:`ddim_invert`: DDIM inversion (``DDIMInverseScheduler``) up to a timestep, D3HR's step 1;
 * :func:`restart_index`: where a latent inverted to ``t`` re-enters the sampling grid (D3HR's off-by-one option);
 * :func:`ancestral_sample`: the learned-range DDPM sampler of DiT / Minimax (``DDPMScheduler``);
@@ -19,6 +20,9 @@ import torch
 from torch import nn
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# How DDIM's last steps end: the scheduler's (t = 20 -> 0, then t = 0 -> abar = 1, or abar[0]), or D3HR's code's
+# hand-written step, which aims every step at abar[max(1, t - stride)]: both its t = 20 and t = 0 steps end at abar[1].
+FINAL_STEPS = ("scheduler", "d3hr_code")
 
 
 def ddim_schedulers(config, steps: int, set_alpha_to_one: bool = True):
@@ -53,12 +57,13 @@ def guided_output(transformer: nn.Module, latents: torch.Tensor, timesteps: torc
     """The DiT's output under classifier-free guidance: ``uncond + scale * (cond - uncond)`` on the first
     ``channels`` output channels (``None``: all of the latent channels; Meta's DiT and Minimax guide 3), the
     conditional output elsewhere (the other latent channels, a learned variance). Scale 1 runs the conditional
-    pass only."""
+    pass only. The transformer runs in its own dtype (fp16 under ``16-true``); the output is fp32."""
+    dtype = next(transformer.parameters()).dtype
     if scale == 1.0:
-        return transformer(latents, timesteps, labels, return_dict=False)[0]
+        return transformer(latents.to(dtype), timesteps, labels, return_dict=False)[0].float()
     null = torch.full_like(labels, null_id)
-    output = transformer(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([labels, null]),
-                         return_dict=False)[0]
+    output = transformer(torch.cat([latents, latents]).to(dtype), torch.cat([timesteps, timesteps]),
+                         torch.cat([labels, null]), return_dict=False)[0].float()
     conditional, unconditional = output.chunk(2)
     guided = channels if channels is not None else latents.shape[1]
     mixed = unconditional[:, :guided] + scale * (conditional[:, :guided] - unconditional[:, :guided])
@@ -83,13 +88,30 @@ def _batch_timesteps(t: torch.Tensor | int, latents: torch.Tensor) -> torch.Tens
     return torch.full((latents.shape[0],), int(t), device=latents.device, dtype=torch.long)
 
 
-def ddim_sample(model_fn: ModelFn, latents: torch.Tensor, scheduler, start_index: int = 0) -> torch.Tensor:
+def ddim_step(latents: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor,
+              abar_prev: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step from abar_t to abar_prev: sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps."""
+    x0 = (latents - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+
+
+def ddim_sample(model_fn: ModelFn, latents: torch.Tensor, scheduler, start_index: int = 0,
+                final_steps: str = "scheduler") -> torch.Tensor:
     """Run ``scheduler`` (a ``DDIMScheduler`` after ``set_timesteps``, eta 0) from ``timesteps[start_index]``
-    to the end: noise (index 0) or a partly noised latent -> clean latent."""
+    to the end: noise (index 0) or a partly noised latent -> clean latent. ``final_steps="d3hr_code"`` takes
+    every step by hand towards abar[max(1, t - stride)], as D3HR's code does (identical to the scheduler's steps
+    down to t = 40; its t = 20 and t = 0 steps both end at abar[1])."""
+    if final_steps not in FINAL_STEPS:
+        raise ValueError(f"final_steps must be one of {FINAL_STEPS}, got {final_steps!r}")
     channels = latents.shape[1]
+    abar = scheduler.alphas_cumprod.to(latents.device)
+    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     for t in scheduler.timesteps[start_index:]:
         eps = epsilon_of(model_fn(latents, _batch_timesteps(t, latents)), channels)
-        latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+        if final_steps == "scheduler":
+            latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+        else:
+            latents = ddim_step(latents, eps, abar[int(t)], abar[max(1, int(t) - stride)])
     return latents
 
 

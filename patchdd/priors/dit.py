@@ -14,7 +14,11 @@ Traps handled here (``shared/research/generative_methods.md`` section 1.2):
 * each copy drops labels on its own in train mode (:func:`disable_block_label_dropout`: labels are dropped once,
   outside the model, by replacing them with the null id);
 * the null class is ``config.num_embeds_ada_norm`` (1000 for ImageNet DiTs, the class count for a toy one), not
-  a hard-coded 1000 as in ``DiTPipeline``.
+  a hard-coded 1000 as in ``DiTPipeline``;
+* diffusers' DiT is not Meta's: its timestep frequencies are divided by 127 (``downscale_freq_shift=1``) where
+  Meta's ``TimestepEmbedder``, which trained ``facebook/DiT-XL-2-256``, divides by 128, and its feed-forward
+  LayerNorm has eps 1e-5 where Meta's has 1e-6. ``meta_dit=True`` (the default of every loader and config,
+  :func:`use_meta_dit_math`) computes Meta's DiT; ``False`` keeps diffusers' math.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from patchdd.priors.sd import FreezablePrior, check_prior_folder, load_component
 
 DEFAULT_DIT = "facebook/DiT-XL-2-256"
 DIT_COMPONENTS = ("transformer", "vae", "scheduler")
+META_NORM_EPS = 1e-6  # every LayerNorm of Meta's DiTBlock / FinalLayer
 
 
 class DiTPrior(FreezablePrior):
@@ -156,6 +161,16 @@ def embedder_copies_differ(transformer: nn.Module) -> list[str]:
             for name, value in embedder.named_parameters() if not torch.equal(value, reference[name])]
 
 
+def use_meta_dit_math(transformer: nn.Module) -> None:
+    """Make a diffusers ``DiTTransformer2DModel`` compute Meta's DiT (``facebookresearch/DiT`` ``models.py``):
+    timestep frequencies ``exp(-ln(10000) k / 128)`` (no ``downscale_freq_shift``) in every block's embedder, and
+    eps 1e-6 in every feed-forward LayerNorm. The weights are untouched."""
+    for embedder in block_embedders(transformer):
+        embedder.time_proj.downscale_freq_shift = 0
+    for block in transformer.transformer_blocks:
+        block.norm3.eps = META_NORM_EPS
+
+
 def tie_block_embedders(transformer: nn.Module) -> None:
     """Make every block use block 0's embedder: one timestep MLP and label table, as DiT has and trains them."""
     for block in transformer.transformer_blocks[1:]:
@@ -173,12 +188,14 @@ def untied_copy(transformer: nn.Module) -> nn.Module:
 
 def build_dit_prior(pretrained: str | None = None, transformer: dict | None = None, vae: dict | None = None,
                     scheduler: dict | None = None, vae_from: str | None = None, revision: str | None = None,
-                    local_files_only: bool | None = None, frozen: bool = False, name: str = "") -> DiTPrior:
+                    local_files_only: bool | None = None, frozen: bool = False, name: str = "",
+                    meta_dit: bool = True) -> DiTPrior:
     """Each component built from its config when one is given, otherwise loaded.
 
     The transformer and scheduler load from ``pretrained``; the VAE from ``vae_from`` (e.g. the toy SD prior's,
     ``assets/toy_prior``) or else ``pretrained``. Configs are keyword arguments of ``DiTTransformer2DModel``,
-    ``AutoencoderKL`` and ``DDPMScheduler``.
+    ``AutoencoderKL`` and ``DDPMScheduler``. ``meta_dit``: compute Meta's DiT (:func:`use_meta_dit_math`), as
+    ``facebook/DiT-XL-2-256`` was trained and as D3HR, Minimax and Li et al. run it; ``False``: diffusers' math.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 
@@ -194,6 +211,8 @@ def build_dit_prior(pretrained: str | None = None, transformer: dict | None = No
             raise CheckpointMismatchError(f"the DiT {pretrained!r} has per-block embedders that differ from block "
                                           f"0's ({differing[:3]}): not a converted DiT checkpoint")
     tie_block_embedders(model)
+    if meta_dit:
+        use_meta_dit_math(model)
     schedule = DDPMScheduler.from_config(scheduler) if scheduler is not None else load(
         DDPMScheduler, pretrained, "scheduler")
     autoencoder = AutoencoderKL.from_config(vae) if vae is not None else load(AutoencoderKL, vae_from or pretrained,
@@ -203,12 +222,24 @@ def build_dit_prior(pretrained: str | None = None, transformer: dict | None = No
     return DiTPrior(model, autoencoder, schedule, mapping, name=name or (pretrained or ""), frozen=frozen)
 
 
-def load_dit_prior(prior: str = DEFAULT_DIT, revision: str | None = None,
-                   local_files_only: bool | None = None) -> DiTPrior:
+def load_dit_prior(prior: str = DEFAULT_DIT, revision: str | None = None, local_files_only: bool | None = None,
+                   meta_dit: bool = True) -> DiTPrior:
     """A frozen DiT prior from a ``DiTPipeline``-layout folder or a hub id (``local_files_only`` defaults to
-    HF_HUB_OFFLINE). Raises :class:`PriorUnavailableError` naming the weights when they cannot be loaded."""
+    HF_HUB_OFFLINE), computing Meta's DiT unless ``meta_dit`` is false. Raises :class:`PriorUnavailableError`
+    naming the weights when they cannot be loaded."""
     check_prior_folder(prior, DIT_COMPONENTS)
-    return build_dit_prior(prior, revision=revision, local_files_only=local_files_only, frozen=True, name=prior)
+    return build_dit_prior(prior, revision=revision, local_files_only=local_files_only, frozen=True, name=prior,
+                           meta_dit=meta_dit)
+
+
+def load_vae(source: str, revision: str | None = None, local_files_only: bool | None = None) -> nn.Module:
+    """A frozen ``AutoencoderKL`` from a hub id or folder that holds one (``stabilityai/sd-vae-ft-mse``, a folder
+    written by ``AutoencoderKL.save_pretrained``) or from a prior folder's ``vae/``."""
+    from diffusers import AutoencoderKL
+
+    subfolder = "vae" if (Path(source).expanduser() / "vae").is_dir() else None
+    vae = load_component(AutoencoderKL, source, subfolder, revision, local_files_only, layout=("vae",))
+    return vae.requires_grad_(False).eval()
 
 
 def save_dit_prior(out: str | Path, prior: DiTPrior) -> Path:

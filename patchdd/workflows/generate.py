@@ -33,7 +33,8 @@ from patchdd.formats.stores import settings_difference
 from patchdd.formats.synthetic_folder import finish_generated_set
 from patchdd.generation.plan import (D3HROptions, D4MOptions, SamplingOptions, WorkItem, canonical_batches,
                                      group_items, noise_items, prototype_items, provenance_columns)
-from patchdd.generation.prototypes import class_latents, kmeans_prototypes
+from patchdd.generation.profiles import apply_profile, profile_label
+from patchdd.generation.prototypes import class_latents, kmeans_prototypes, stream_order
 from patchdd.methods.synthesis import check_ipcs, subset_mapping
 from patchdd.priors.dit import DEFAULT_DIT, weights_hash
 from patchdd.workflows.invoke import deprecated
@@ -87,8 +88,9 @@ def d4m_prototypes(source, mapping: ClassMapping, ipcs: list[int], vae, options:
     by_class = {}
     for label, folder in enumerate(mapping.folders):
         latents = class_latents(source, positions.get(label, []), vae, options, seed, device)
-        flat = latents.reshape(len(latents), -1)
-        by_class[folder] = {n: torch.from_numpy(kmeans_prototypes(flat, n, options.kmeans, options.km_expand, seed))
+        flat = latents.reshape(len(latents), -1)[stream_order(len(latents), options.order, seed, folder)]
+        by_class[folder] = {n: torch.from_numpy(kmeans_prototypes(flat, n, options.kmeans, options.km_expand, seed,
+                                                                  options.leftover))
                             .float().view(n, *latents.shape[1:]) for n in ipcs}
     return {n: {folder: protos[n] for folder, protos in by_class.items()} for n in ipcs}
 
@@ -156,6 +158,7 @@ def generate(
     prior: str = DEFAULT_DIT,
     ipc: Sequence[int] = (10,),
     classes: str | None = "all",
+    profile: str = "reference",
     stats: str | None = None,
     seed: int = 0,
     sampling: SamplingOptions = SamplingOptions(),
@@ -170,6 +173,8 @@ def generate(
     num_nodes: int = 1,
     strategy: str = "auto",
     precision: str | None = None,
+    vae: str | None = None,
+    meta_dit: bool = True,
     overwrite: bool = False,
     allow_partial: bool = False,
     progress: bool = True,
@@ -190,6 +195,9 @@ def generate(
         ipc: images per class, one or several (``--ipc 1 10 50``).
         classes: ``all``, a preset (imagenette, imagewoof, imagenet100) or comma-separated wnids / names, among the
             prior's classes (dit) or the statistics store's (d3hr).
+        profile: ``reference`` (every method option's default: what the method's public code ran) or a named
+            reading (d3hr: ``paper``; d4m: ``suite``) set on the options left at their defaults; the provenance
+            records the profile the options follow.
         stats: the latent statistics store (d3hr).
         seed: seed of every image's noise and of the group sampling.
         sampling: sampler, steps, guidance (``SamplingOptions``).
@@ -204,6 +212,10 @@ def generate(
         num_nodes: nodes (under SLURM, ``srun`` starts one task per device: see the docs' cluster recipes).
         strategy: Lightning strategy.
         precision: Lightning precision (default: ``bf16-mixed`` on a GPU, ``32-true`` on the CPU).
+        vae: the VAE that decodes a DiT's latents, hub id or folder (Minimax / Li et al.: ``stabilityai/sd-vae-ft-mse``);
+            ``None``: the prior's own (dit, d3hr).
+        meta_dit: run the DiT as Meta's code computes it (timestep frequencies / 128, LayerNorm eps 1e-6), as
+            ``facebook/DiT-XL-2-256`` was trained; ``False``: diffusers' variant (dit, d3hr).
         overwrite: replace existing ``ipc{N}`` folders, and restart a building set whose inputs changed.
         allow_partial: use a statistics store whose inversion pass did not finish (refused otherwise); the sets'
             ``synthetic.json`` records it.
@@ -219,6 +231,12 @@ def generate(
     if method not in GENERATIVE_METHODS:
         raise ValueError(f"unknown generative method {method!r}; choose from {sorted(GENERATIVE_METHODS)}")
     check_arguments(ipc, batch_size)
+    d3hr, d4m = apply_profile("d3hr", profile if method == "d3hr" else "reference", d3hr), \
+        apply_profile("d4m", profile if method == "d4m" else "reference", d4m)
+    if method == "d4m" and vae is not None:
+        raise ValueError("--vae decodes a DiT's latents (dit, d3hr); d4m decodes with its SD prior's VAE")
+    if method == "dit" and profile != "reference":
+        raise ValueError(f"profile {profile!r} is not one of dit's: reference")
     if data is not None:
         deprecated("data", "data_root")
         data_root = data
@@ -235,7 +253,9 @@ def generate(
         model_labels = [0] * len(mapping)
     else:
         restart = d3hr.timestep if method == "d3hr" else None
-        module = LatentGenerator(prior, sampling, start_timestep=restart, restart_offset=d3hr.restart_offset)
+        module = LatentGenerator(prior, sampling, start_timestep=restart, restart_offset=d3hr.restart_offset,
+                                 final_steps=d3hr.final_steps if method == "d3hr" else "scheduler", vae=vae,
+                                 meta_dit=meta_dit)
         prior_hash = weights_hash(module.dit.transformer)
         store = open_statistics(stats, d3hr, prior_hash, allow_partial) if method == "d3hr" else None
         available = available_classes(module.dit, store)
@@ -249,11 +269,12 @@ def generate(
         precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     group_device = device if d3hr.device == "auto" else torch.device(d3hr.device)
     options = {"seed": seed, "batch_size": batch_size, "output_size": output_size, "resize_filter": resize_filter,
-               "start_timestep": module.start_timestep_used}
+               "start_timestep": module.start_timestep_used,
+               "profile": profile_label(method, d3hr if method == "d3hr" else d4m) if method != "dit" else "reference"}
     if method == "d4m":
         options |= {"d4m": asdict(d4m), "data": str(Path(data_root).resolve())}
     else:
-        options |= {"sampling": asdict(sampling)}
+        options |= {"sampling": asdict(sampling), "meta_dit": meta_dit, "vae": vae}
     if method == "d3hr":
         options |= {"d3hr": asdict(d3hr), "stats": str(Path(stats).resolve()),
                     "stats_complete": store.is_complete()}
@@ -301,9 +322,12 @@ def generate(
         info = {"method": method, "prior": prior, "prior_hash": prior_hash, "options": options}
         for n, target in targets.items():
             own = [item for item in items if item.ipc == n]
+            profile_note = options["profile"] + (" (IPC 1: the suite's extension; D3HR's code scores a group of one "
+                                                 "with a NaN std)" if method == "d3hr" and n == 1 else "")
             sheets = Path(out) / "contact_sheets" / f"ipc{n}"
             with atomic_directory(sheets) as building_sheets:
-                finish_generated_set(buildings[n], mapping, provenance_columns(own, common), {"ipc": n, **info},
+                finish_generated_set(buildings[n], mapping, provenance_columns(own, common | {"profile": profile_note}),
+                                     {"ipc": n, **info},
                                      building_sheets, title=f"IPC {n}, {method}")
             (buildings[n] / SETTINGS_FILE).unlink()
             replace_directory(buildings[n], target)
