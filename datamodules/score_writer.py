@@ -1,5 +1,5 @@
-"""The callbacks that stream a ``predict`` pass into a store, per rank: Stage I's score store (``--store.*``) and
-D3HR's latent statistics store (``--stats.*``).
+"""The callbacks that stream a ``predict`` pass into a store, per rank: Stage I's score store (``--store.*``),
+D3HR's latent statistics store (``--stats.*``) and D4M's latent cache (inside ``generate --method d4m``).
 
 Both are added to every LightningCLI command and act only in ``predict``, and only for the module that produces
 their kind of store (``output_store`` of the LightningModule). On setup a writer checks that an existing store was
@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from patchdd.datamodules.callbacks import stop_if_terminated
+from patchdd.formats.latent_cache import LatentCache
 from patchdd.formats.latent_stats import ClassSums, LatentStatsStore
 from patchdd.formats.outputs import BackgroundWrites
 from patchdd.formats.score_store import PatchTable, ScoreStore
@@ -184,3 +186,34 @@ class LatentStatsWriter(StoreWriter):
         if self.pending_ids:
             self.writes.submit(self.open_store().append, self.pending, self.pending_ids, rank)
             self.pending, self.pending_ids = ClassSums.empty(), []
+
+
+class LatentCacheWriter(StoreWriter):
+    """Write every predicted batch's latents to D4M's latent cache in ``dir`` (buffered, one shard per
+    ``flush_images`` images and rank, at the end and on SIGTERM); the same command resumes with the images not yet
+    encoded, and a complete cache is reused by every later IPC.
+
+    Args:
+        dir: the cache directory (created if missing; an existing cache is resumed after its settings are checked).
+        flush_images: latents held in memory before a shard is written.
+    """
+
+    store_class, produces, option = LatentCache, "latent_cache", "--latent_cache"
+
+    def __init__(self, dir: str | None = None, flush_images: int = 1024) -> None:
+        super().__init__(dir)
+        self.flush_images = flush_images
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
+
+    def add(self, prediction: tuple[torch.Tensor, torch.Tensor, list[str]], rank: int) -> None:
+        if prediction[2]:
+            self.pending.append(prediction)
+        if sum(len(ids) for _, _, ids in self.pending) >= self.flush_images:
+            self.flush(rank)
+
+    def flush(self, rank: int) -> None:
+        if self.pending:
+            latents, labels, ids = zip(*self.pending)
+            self.writes.submit(self.open_store().append, torch.cat(latents), torch.cat(labels),
+                               [i for chunk in ids for i in chunk], rank)
+            self.pending = []

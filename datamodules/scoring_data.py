@@ -61,7 +61,8 @@ class ScoringDataModule(L.LightningDataModule):
         whole_image: resize every image to ``image_size`` x ``image_size`` (low-resolution sets: CIFAR,
             TinyImageNet); pair with the scorer's ``patch_size: null``.
         resize: ``buckets`` (short side to ``image_size`` by bicubic, the long side to a bucket) or ``torchvision``
-            (torchvision's own ``Resize(image_size)`` -> ``CenterCrop(image_size)``, bilinear: D3HR's inversion).
+            (torchvision's own ``Resize(image_size)`` -> ``CenterCrop(image_size)``, bilinear: D3HR's inversion;
+            with ``whole_image``, its ``Resize((image_size, image_size))``: D4M's squash).
         max_images_per_class: score a seeded random subset of at most this many images per class.
         subset_seed: seed of that subset.
         batch_size: images per predict step (the UNet sees 2 x this).
@@ -163,8 +164,8 @@ class ScoringDataModule(L.LightningDataModule):
         if unreadable:
             warnings.warn(f"skipping {len(unreadable)} unreadable image(s): {unreadable[:5]}", stacklevel=2)
         kept = [(p, s) for p, s in zip(positions, sizes) if s is not None]
-        geometry = [torchvision_geometry(w, h, self.image_size) if self.resize == "torchvision" else
-                    plan_resize(w, h, self.image_size, self.bucket_multiple, self.max_aspect, self.whole_image)
+        geometry = [torchvision_geometry(w, h, self.image_size) if self.resize == "torchvision" and not self.whole_image
+                    else plan_resize(w, h, self.image_size, self.bucket_multiple, self.max_aspect, self.whole_image)
                     for _, (w, h) in kept]
         return [p for p, _ in kept], geometry
 

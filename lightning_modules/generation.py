@@ -1,6 +1,6 @@
 """Generation as a predict loop: batches of planned work items (:mod:`patchdd.generation.plan`) -> uint8 images:
 DiT sampling (:class:`LatentGenerator`: dit, d3hr, Minimax / self-adaptive-memory priors) and D4M's img2img
-(:class:`PromptedImg2Img`).
+(:class:`PromptedImg2Img`); and D4M's encode pass (:class:`PrototypeEncoder`): training images -> the latent cache.
 
 :class:`LatentGenerator` samples each item's latent with a DiT prior under classifier-free guidance, from Gaussian
 noise drawn from the item's own seed or from the item's starting latent at a restart timestep (D3HR), and decodes
@@ -14,13 +14,15 @@ import lightning as L
 import torch
 from diffusers import PNDMScheduler
 
+from patchdd.data.scoring_images import ScoringBatch
 from patchdd.data.sources import ClassMapping
 from patchdd.data.subsets import d4m_label, synset_line
+from patchdd.generation.group_sampling import derive_seed
 from patchdd.generation.plan import D4MOptions, SamplingOptions, WorkBatch
 from patchdd.generation.sampling import (FINAL_STEPS, ancestral_sample, ancestral_scheduler, ddim_sample, ddim_schedulers,
                                          guided_model, restart_index)
-from patchdd.priors.dit import DEFAULT_DIT, DiTPrior, load_dit_prior, load_vae
-from patchdd.priors.sd import DEFAULT_PRIOR, load_prior
+from patchdd.priors.dit import DEFAULT_DIT, DiTPrior, encode_scaled, load_dit_prior, load_vae, weights_hash
+from patchdd.priors.sd import DEFAULT_PRIOR, load_prior, vae_downsample_factor
 
 SAMPLERS = ("ddim", "ancestral")
 
@@ -88,6 +90,42 @@ class LatentGenerator(L.LightningModule):
         else:
             latents = ddim_sample(model_fn, latents, self.scheduler, self.start_index, self.final_steps)
         return self.dit.decode(latents.float()).cpu(), batch.items
+
+
+class PrototypeEncoder(L.LightningModule):
+    """D4M's encode pass: each training image (squashed by the data module) -> its scaled VAE latent, a posterior
+    sample whose noise is seeded by (seed, image id), so a latent depends on its image alone, never on the batch,
+    the rank or a resume; written to the latent cache by :class:`patchdd.datamodules.score_writer.LatentCacheWriter`.
+
+    Args:
+        vae: the SD-layout prior's VAE.
+        latent_mode: ``sample`` the posterior (D4M) or take its ``mean``.
+        seed: seed of the posterior samples.
+    """
+
+    output_store = "latent_cache"  # what LatentCacheWriter writes
+
+    def __init__(self, vae: torch.nn.Module, latent_mode: str = "sample", seed: int = 0) -> None:
+        super().__init__()
+        self.vae, self.latent_mode, self.seed = vae, latent_mode, seed
+
+    def settings(self) -> dict:
+        """What a cached latent depends on besides its image (compared when a cache is reused)."""
+        return {"vae_hash": weights_hash(self.vae), "latent_mode": self.latent_mode, "seed": self.seed}
+
+    @torch.no_grad()
+    def predict_step(self, batch: ScoringBatch, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Latents (B, C, h, w) on the CPU, the labels and the image ids of a batch."""
+        if len(batch) == 0:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), []
+        images = batch.images.to(self.device).float() / 127.5 - 1
+        noise = None
+        if self.latent_mode == "sample":
+            side = batch.images.shape[-1] // vae_downsample_factor(self.vae)
+            shape = (int(self.vae.config.latent_channels), side, side)
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+                derive_seed(self.seed, "d4m", image_id))) for image_id in batch.image_ids]).to(self.device)
+        return encode_scaled(self.vae, images, self.latent_mode, noise).cpu(), batch.labels, list(batch.image_ids)
 
 
 class PromptedImg2Img(L.LightningModule):

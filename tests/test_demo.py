@@ -63,8 +63,9 @@ def test_demo_pipeline_fills_every_cell_and_resumes(tmp_path: Path, monkeypatch)
                                                            "memory", "d4m", FULL_DATA_ROW]
     for row in main[:8]:
         cells = [c.strip() for c in row.split("|")[2:-1]]
-        assert len(cells) == 4 and all(c and c != "failed" for c in cells), row
+        assert len(cells) == 6 and all(c and c != "failed" for c in cells), row
         assert "±" in cells[0] and "±" in cells[1]  # two seeds: mean ± std
+        assert 0 <= float(cells[4]) <= 100 and 0 <= float(cells[5]) <= 2  # recognised (%), diversity at IPC 2
     assert "generated" in main[5] and "generated" not in main[0]  # no source patches to localise
     for name in ("results.png", "contact_sheet.png", "results.json"):
         assert (out / name).stat().st_size > 0

@@ -457,3 +457,26 @@ def test_generate_d4m_writes_prototype_sets(toy_root, prior_dir, tmp_path):
     assert {r["init"] for r in rows} == {"prototype"} and {r["scheduler"] for r in rows} == {"pndm"}
     with pytest.raises(ValueError, match="needs --data_root"):
         generate("d4m", str(tmp_path / "x"), str(prior_dir), d4m=options)
+
+
+def test_d4m_on_two_ranks_encodes_each_image_once_and_a_second_ipc_encodes_nothing(toy_root, prior_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from patchdd.formats.latent_cache import LatentCache
+    from patchdd.generation.plan import D4MOptions
+
+    options = D4MOptions(image_size=32, steps=2, prompt_template="An image of {name}", negative_prompt="",
+                         encode_batch=5, encode_workers=0)
+    common = {"data_root": str(toy_root), "d4m": options, "batch_size": 2, "accelerator": "cpu", "progress": False}
+    generate("d4m", str(tmp_path / "two"), str(prior_dir), ipc=[1], devices=2, strategy="ddp_fork", **common)
+    cache = LatentCache.open(tmp_path / "two" / "d4m_latent_cache")
+    ids = [i for shard in cache.shard_image_ids() for i in shard]
+    assert len(ids) == len(set(ids)) == 4 * 6  # every training image once, over both ranks
+    assert {p.name.split("-")[0] for p in cache.shard_paths()} == {"rank0", "rank1"}
+    shards = cache.shard_paths()
+    generate("d4m", str(tmp_path / "two"), str(prior_dir), ipc=[2], **common)  # a second IPC reuses the cache
+    assert LatentCache.open(tmp_path / "two" / "d4m_latent_cache").shard_paths() == shards
+    generate("d4m", str(tmp_path / "one"), str(prior_dir), ipc=[2], **common)  # one rank: the same prototypes
+    files = [next((tmp_path / run / "d4m_latent_cache" / "prototypes").glob("ipc2-*")) for run in ("two", "one")]
+    first, second = (load_file(str(f)) for f in files)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

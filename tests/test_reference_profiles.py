@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from patchdd.generation.group_sampling import group_sample, group_scores
@@ -17,6 +18,7 @@ from patchdd.generation.memory import MemoryBank, memory_losses
 from patchdd.generation.plan import D3HROptions, D4MOptions
 from patchdd.generation.profiles import apply_profile, profile_label
 from patchdd.generation.sampling import ddim_sample, ddim_schedulers
+from tiny_dit import ARCHITECTURES, save_tiny_dit
 
 
 def gradient_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -93,13 +95,13 @@ def test_ddim_sampling_takes_d3hr_codes_final_steps():
 def test_d3hr_inversion_preprocesses_with_torchvision_itself():
     from torchvision import transforms
 
-    from patchdd.data.scoring_images import torchvision_geometry, torchvision_resize_crop
+    from patchdd.data.scoring_images import torchvision_geometry, torchvision_pixels
 
     image = gradient_image(640, 427)
     geometry = torchvision_geometry(640, 427, 256)
     assert (geometry.resized_width, geometry.resized_height) == (383, 256)  # truncated, not rounded (384)
     expected = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(256), transforms.PILToTensor()])
-    assert torch.equal(torchvision_resize_crop(image, 256), expected(image))
+    assert torch.equal(torchvision_pixels(image, geometry), expected(image))
     assert geometry.left == round((383 - 256) / 2)
 
 
@@ -206,26 +208,15 @@ def test_d4m_prompts_are_its_label_lines():
 
 
 def test_d4m_squashes_bilinearly_as_torchvisions_resize():
-    from types import SimpleNamespace
-
     from torchvision import transforms
 
-    from patchdd.generation.prototypes import class_latents
+    from patchdd.data.scoring_images import plan_resize, torchvision_pixels
+    from patchdd.workflows.generate import SQUASH_RESIZE
 
     image = gradient_image(120, 90, seed=3)
-
-    class Identity(torch.nn.Module):  # a "VAE" whose latents are its input: what was encoded is visible
-        config = SimpleNamespace(scaling_factor=1.0, latent_channels=3, block_out_channels=[1])
-        dtype = torch.float32
-
-        def encode(self, images):
-            return SimpleNamespace(latent_dist=SimpleNamespace(mean=images, std=torch.zeros_like(images)))
-
-    source = SimpleNamespace(load=lambda position: image, ids=["a.png"])
-    options = D4MOptions(image_size=32, latent_mode="mean")
-    latents = class_latents(source, [0], Identity(), options, 0, torch.device("cpu"))
-    expected = transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor()])(image).float() / 127.5 - 1
-    assert np.allclose(latents[0], expected.numpy(), atol=1e-6)
+    assert SQUASH_RESIZE[D4MOptions().resize_filter] == "torchvision"
+    squashed = torchvision_pixels(image, plan_resize(120, 90, 32, square=True))  # the encode pass's whole_image
+    assert torch.equal(squashed, transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor()])(image))
 
 
 # --- DiT decoding -------------------------------------------------------------------------------------------------
@@ -236,8 +227,6 @@ def test_generation_decodes_with_the_vae_it_is_given(tmp_path):
 
     from patchdd.lightning_modules.generation import LatentGenerator
     from patchdd.priors.dit import load_vae, weights_hash
-    from tiny_dit import ARCHITECTURES, save_tiny_dit
-    import yaml
 
     prior = save_tiny_dit(tmp_path / "dit", ["n01440764", "n01443537"])
     torch.manual_seed(7)

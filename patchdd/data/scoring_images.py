@@ -94,12 +94,15 @@ def torchvision_geometry(width: int, height: int, image_size: int) -> ResizeGeom
                           int(round((resized_height - image_size) / 2)), image_size, image_size)
 
 
-def torchvision_resize_crop(image: Image.Image, image_size: int) -> torch.Tensor:
-    """The uint8 image of torchvision's own ``Resize(image_size)`` (bilinear, antialiased) -> ``CenterCrop``."""
+def torchvision_pixels(image: Image.Image, geometry: ResizeGeometry) -> torch.Tensor:
+    """The uint8 image of ``geometry`` made by torchvision's own ``Resize`` (bilinear, antialiased) ->
+    ``CenterCrop``: ``Resize(s)`` -> ``CenterCrop(s)`` for :func:`torchvision_geometry` (D3HR), ``Resize((s, s))``
+    for a whole-image squash (D4M)."""
     from torchvision import transforms
 
-    return TF.pil_to_tensor(transforms.Compose([transforms.Resize(image_size),
-                                                transforms.CenterCrop(image_size)])(image))
+    return TF.pil_to_tensor(transforms.Compose([
+        transforms.Resize([geometry.resized_height, geometry.resized_width]),
+        transforms.CenterCrop([geometry.out_height, geometry.out_width])])(image))
 
 
 def resize_for_scoring(image: Image.Image, geometry: ResizeGeometry) -> torch.Tensor:
@@ -158,7 +161,7 @@ class ScoringImages(Dataset):
             return image_id
         if image.size != (geometry.width, geometry.height):
             raise DataError(f"image {image_id} changed size since it was scanned: {image.size}")
-        scored = torchvision_resize_crop(image, geometry.out_width) if self.resize == "torchvision" else \
+        scored = torchvision_pixels(image, geometry) if self.resize == "torchvision" else \
             resize_for_scoring(image, geometry)
         return (scored, TF.pil_to_tensor(image), self.source.labels[position],
                 image_id, geometry, file_bytes)

@@ -13,19 +13,13 @@ let an interrupted pass resume with the images not yet summed.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from patchdd.errors import DataError, StoreError
-from patchdd.formats.outputs import honour_umask, writing
-from patchdd.formats.stores import ManifestStore
-
-SHARD_SUFFIX = ".safetensors"
+from patchdd.formats.stores import IdShardStore
 
 
 @dataclass
@@ -80,32 +74,15 @@ class ClassSums:
         return mean, ((squares - count * mean.pow(2)) / (count - 1)).clamp_min(0.0)
 
 
-class LatentStatsStore(ManifestStore):
+class LatentStatsStore(IdShardStore):
     """A latent statistics store directory: manifest, per-rank shards of :class:`ClassSums`."""
 
     FORMAT_NAME, FORMAT_VERSION, KIND = "patchdd-latent-stats", 1, "latent statistics store"
-    SHARD_SUFFIX = SHARD_SUFFIX
 
     def append(self, sums: ClassSums, image_ids: list[str], rank: int = 0) -> None:
-        """Write one shard atomically (a crash leaves no partial shard)."""
-        path = self.new_shard_path(rank)
-        tmp = path.with_suffix(".tmp")
-        with writing(path):
-            save_file({"labels": sums.labels, "count": sums.count, "total": sums.total.contiguous(),
-                       "squares": sums.squares.contiguous()}, str(tmp), metadata={"image_ids": json.dumps(image_ids)})
-            honour_umask(tmp)
-            os.replace(tmp, path)
-
-    def shard_image_ids(self) -> list[list[str]]:
-        ids = []
-        for path in self.shard_paths():
-            with safe_open(str(path), "pt") as shard:
-                ids.append(json.loads(shard.metadata()["image_ids"]))
-        return ids
-
-    def done_ids(self) -> set[str]:
-        """Ids of the images already summed (to resume an interrupted pass)."""
-        return {i for ids in self.shard_image_ids() for i in ids}
+        """Write one shard of sums atomically."""
+        self.write_shard({"labels": sums.labels, "count": sums.count, "total": sums.total,
+                          "squares": sums.squares}, image_ids, rank)
 
     def sums(self) -> ClassSums:
         """Every shard merged; an image summed twice is an error (the sums could not be undone)."""

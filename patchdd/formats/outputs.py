@@ -76,6 +76,21 @@ def exclusive_output(directory: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``target`` to write; renamed onto ``target`` when the block ends without error (a
+    crash leaves ``target`` as it was), removed otherwise."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with writing(target):
+            yield tmp
+            honour_umask(tmp)
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """A fresh temporary folder beside ``target`` to build into; on success it replaces ``target`` (an old
     ``target`` is removed only then), on failure it is removed and ``target`` stays as it was."""

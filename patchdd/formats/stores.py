@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from patchdd.errors import IncompleteStoreError, StoreError, StoreMismatchError
-from patchdd.formats.outputs import writing
+from patchdd.formats.outputs import honour_umask, writing
 
 MANIFEST_FILE = "manifest.json"
 SHARD_DIR = "shards"
@@ -192,6 +192,39 @@ class ManifestStore:
         seq = self._shard_counts[rank]
         self._shard_counts[rank] = seq + 1
         return shard_dir / f"rank{rank}-{seq:06d}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+class IdShardStore(ManifestStore):
+    """A store whose shards are safetensors files of tensors plus the ids of the images they hold (metadata): the
+    latent statistics store and the latent cache."""
+
+    SHARD_SUFFIX: ClassVar[str] = ".safetensors"
+
+    def write_shard(self, tensors: dict, image_ids: list[str], rank: int = 0) -> None:
+        """Write one shard atomically (a crash leaves no partial shard)."""
+        from safetensors.torch import save_file
+
+        path = self.new_shard_path(rank)
+        tmp = path.with_suffix(".tmp")
+        with writing(path):
+            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp),
+                      metadata={"image_ids": json.dumps(image_ids)})
+            honour_umask(tmp)
+            os.replace(tmp, path)
+
+    def shard_image_ids(self) -> list[list[str]]:
+        """The image ids of every shard, in shard order."""
+        from safetensors import safe_open
+
+        ids = []
+        for path in self.shard_paths():
+            with safe_open(str(path), "pt") as shard:
+                ids.append(json.loads(shard.metadata()["image_ids"]))
+        return ids
+
+    def done_ids(self) -> set[str]:
+        """Ids of the images already held (to resume an interrupted pass)."""
+        return {i for ids in self.shard_image_ids() for i in ids}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

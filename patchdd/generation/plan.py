@@ -110,7 +110,8 @@ class D4MOptions:
         prompt_template: the class prompt: ``{d4m_label}`` is the class's line of D4M's ``imagenet_classes.txt``
             (the synset line, all synonyms), ``{synset}`` the standard synset line, ``{name}`` the display name.
         negative_prompt: D4M's "cartoon, anime, painting".
-        encode_batch: images encoded at once.
+        encode_batch: images encoded at once (the latent cache's pass).
+        encode_workers: loader processes of that pass (decode + squash).
     """
 
     image_size: int = 512
@@ -126,6 +127,7 @@ class D4MOptions:
     prompt_template: str = "{d4m_label}"
     negative_prompt: str = "cartoon, anime, painting"
     encode_batch: int = 32
+    encode_workers: int = 4
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""D4M's prototypes: per class, ``k = IPC`` cluster centres of the training images' VAE latents, the starting points
-of its img2img generation. Plain functions on arrays.
+"""D4M's prototypes: per class, ``k = IPC`` cluster centres of the training images' VAE latents (read from the latent
+cache, :mod:`patchdd.formats.latent_cache`), the starting points of its img2img generation. Plain functions on
+arrays.
 
 D4M fits scikit-learn's ``MiniBatchKMeans`` with ``partial_fit`` on chunks of ``km_expand x IPC`` latents of one
 class as they stream in from a shuffled loader. Its code fits a class's shorter leftover chunk only for the class of
@@ -10,9 +11,6 @@ the very last image, and only when it holds at least IPC latents: with its shipp
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from patchdd.errors import NotEnoughPatchesError
 
@@ -65,29 +63,3 @@ def stream_order(count: int, order: str, seed: int, class_key: str) -> np.ndarra
     if order == "shuffled":
         return np.random.default_rng(derive_seed(seed, "d4m-order", class_key)).permutation(count)
     raise ValueError(f"order must be shuffled or files, got {order!r}")
-
-
-def class_latents(source, positions: list[int], vae, options, seed: int, device: torch.device) -> np.ndarray:
-    """Scaled VAE latents (n, C, h, w) of a class's images (``source.load(position)``), squashed to
-    ``options.image_size`` by torchvision's ``Resize((size, size))`` (``options.resize_filter``: bilinear, as D4M),
-    encoded ``options.encode_batch`` at a time; a posterior sample's noise is seeded by (seed, image id), so the
-    latents do not depend on batching."""
-    from patchdd.generation.group_sampling import derive_seed
-    from patchdd.priors.dit import encode_scaled
-    from patchdd.priors.sd import vae_downsample_factor
-
-    side = options.image_size // vae_downsample_factor(vae)
-    shape = (int(vae.config.latent_channels), side, side)
-    rows = []
-    for start in range(0, len(positions), options.encode_batch):
-        chunk = positions[start:start + options.encode_batch]
-        size, filter_ = [options.image_size] * 2, InterpolationMode(options.resize_filter)
-        pixels = torch.stack([TF.pil_to_tensor(TF.resize(source.load(p), size, filter_)) for p in chunk])
-        images = pixels.float().div(127.5).sub(1).to(device)
-        noise = None
-        if options.latent_mode == "sample":
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-                derive_seed(seed, "d4m", source.ids[p]))) for p in chunk])
-        with torch.no_grad():
-            rows.append(encode_scaled(vae, images, options.latent_mode, noise).cpu().numpy())
-    return np.concatenate(rows)

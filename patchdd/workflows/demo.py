@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from patchdd.data.sources import list_class_folders
+from patchdd.data.sources import IMAGENET_MEAN, IMAGENET_STD, list_class_folders
 from patchdd.data.toy import BOXES_FILE, box_overlap, load_boxes, write_toy_dataset
+from patchdd.evaluation.synthetic_sets import class_diversity, recognition_rate
 from patchdd.formats.synthetic_folder import INFO_FILE, TILES_FILE, read_synthetic_folder, synthetic_classes
-from patchdd.training.zoo import find_run_checkpoint
+from patchdd.training.zoo import build_model, find_run_checkpoint
 from patchdd.workflows.console import output_to
 from patchdd.workflows.distill import distill
 from patchdd.workflows.generate import generate
@@ -134,24 +135,41 @@ def _pyplot():
     return plt
 
 
+def set_figures(syn_root: Path, methods: Sequence[str], ipc: int, teacher, image_size: int,
+                mean: Sequence[float], std: Sequence[float]) -> dict[str, tuple[float, float]]:
+    """Per method, its IPC ``ipc`` set's share of images the teacher recognises and its class diversity."""
+    figures = {}
+    for method in methods:
+        synthetic = read_synthetic_folder(syn_root / method / f"ipc{ipc}")
+        figures[method] = (recognition_rate(teacher, synthetic.images, synthetic.labels, image_size, mean, std),
+                           class_diversity(synthetic.images, synthetic.labels))
+    return figures
+
+
 def results_markdown(accuracy: dict, localisation: dict, full_data: float, selectors: Sequence[str],
-                     ipcs: Sequence[int], seeds: int) -> str:
+                     ipcs: Sequence[int], seeds: int, figures: dict[str, tuple[float, float]]) -> str:
     """The demo table: student top-1 (mean ± std over seeds) and patch localisation (patch methods only), per
-    method and IPC."""
-    header = ["method"] + [f"IPC {i} top-1 (%)" for i in ipcs] + [f"IPC {i} localisation (%)" for i in ipcs]
+    method and IPC; the largest IPC's sets recognised by the teacher and their class diversity."""
+    top = max(ipcs)
+    header = (["method"] + [f"IPC {i} top-1 (%)" for i in ipcs] + [f"IPC {i} localisation (%)" for i in ipcs]
+              + [f"IPC {top} recognised (%)", f"IPC {top} diversity"])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for selector in selectors:
         cells = [mean_std(accuracy.get((selector, i), [])) for i in ipcs]
         cells += [f"{100 * localisation[(selector, i)]:.0f}" if (selector, i) in localisation else "— (generated)"
                   for i in ipcs]
+        recognised, diversity = figures[selector]
+        cells += [f"{100 * recognised:.0f}", f"{diversity:.3f}"]
         lines.append(f"| {selector} | " + " | ".join(cells) + " |")
     lines.append(f"| {FULL_DATA_ROW} | " + " | ".join([f"{100 * full_data:.1f}"] * len(ipcs))
-                 + " |" + " — |" * len(ipcs))
+                 + " |" + " — |" * (len(ipcs) + 2))
     notes = (f"\nStudent: final top-1 on the real toy validation split, mean ± std over {seeds} seeds. "
              "Localisation: share of selected patches that contain at least half of their image's object "
-             "(ground-truth boxes); generated images have no source patch. Full data: the ConvNet-D3 teacher "
-             "itself (its best epoch, the checkpoint that teaches the students), trained with cross-entropy on all "
-             "training images (one run).\n")
+             "(ground-truth boxes); generated images have no source patch. Recognised: share of the set's images "
+             "the teacher assigns to their class. Diversity: 1 - the mean pairwise cosine similarity of each "
+             "class's images (standardised pixels), averaged over the classes (0: copies). Full data: the "
+             "ConvNet-D3 teacher itself (its best epoch, the checkpoint that teaches the students), trained with "
+             "cross-entropy on all training images (one run).\n")
     return "\n".join(lines) + "\n" + notes
 
 
@@ -211,6 +229,7 @@ def demo(
     distill_config: str | list[str] = "configs/distill/toy.yaml",
     student_configs: list[str] = ["configs/student/rded_defaults.yaml", "configs/student/toy.yaml"],
     teacher_kwargs: dict = {"width": 32},
+    teacher_image_size: int = 64,
     ipcs: list[int] = [1, 10],
     selectors: list[str] = ["diffusion", "random", "rded", "random_real"],
     dit_prior: str = "assets/toy_dit",
@@ -310,7 +329,10 @@ def demo(
                                               localisation_threshold) for s in selectors for i in ipcs}
     accuracy = accuracy_by_cell(out_dir / "students" / "results.csv")
     full_data = max(validation_top1s(teacher_checkpoint.parents[1]))  # the accuracy of best.ckpt
-    table = results_markdown(accuracy, localisation, full_data, methods, ipcs, len(seeds))
+    teacher = build_model("convnet_d3", len(synthetic_classes(syn_root / selectors[0] / f"ipc{ipcs[0]}")),
+                          image_size=teacher_image_size, checkpoint=str(teacher_checkpoint), **teacher_kwargs).eval()
+    figures = set_figures(syn_root, methods, max(ipcs), teacher, teacher_image_size, IMAGENET_MEAN, IMAGENET_STD)
+    table = results_markdown(accuracy, localisation, full_data, methods, ipcs, len(seeds), figures)
     panel = out_dir / "students" / "panel.md"
     panel_text = panel.read_text().partition("\n\n")[2] if panel.is_file() else ""
     costs = cost_ledger(ledger, out_dir / "students" / "results.csv", selectors, list(generators), list(finetunes),
@@ -321,7 +343,9 @@ def demo(
     selection_sheet(syn_root, methods, max(ipcs), out_dir / "contact_sheet.png")
     (out_dir / "results.json").write_text(json.dumps(
         {"accuracy": {f"{s}/ipc{i}": v for (s, i), v in accuracy.items()},
-         "localisation": {f"{s}/ipc{i}": v for (s, i), v in localisation.items()}, "full_data": full_data}, indent=1))
+         "localisation": {f"{s}/ipc{i}": v for (s, i), v in localisation.items()}, "full_data": full_data,
+         "recognised": {m: f[0] for m, f in figures.items()}, "diversity": {m: f[1] for m, f in figures.items()}},
+        indent=1))
     print(f"\n{table}\n{panel_text}\nwrote {out_dir / 'results.md'} (with the panel and the cost ledger), "
           f"results.png, students/panel.png, contact_sheet.png "
           f"({time.perf_counter() - start:.0f} s in all)")

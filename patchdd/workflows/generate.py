@@ -27,14 +27,15 @@ import torch
 from patchdd.data.sources import ClassMapping, data_fingerprint
 from patchdd.data.subsets import imagenet_wnids
 from patchdd.errors import StoreMismatchError
+from patchdd.formats.latent_cache import LatentCache
 from patchdd.formats.latent_stats import LatentStatsStore
-from patchdd.formats.outputs import atomic_directory, exclusive_output, replace_directory
-from patchdd.formats.stores import settings_difference
+from patchdd.formats.outputs import atomic_directory, atomic_file, exclusive_output, replace_directory
+from patchdd.formats.stores import MANIFEST_FILE, settings_difference
 from patchdd.formats.synthetic_folder import finish_generated_set
 from patchdd.generation.plan import (D3HROptions, D4MOptions, SamplingOptions, WorkItem, canonical_batches,
                                      group_items, noise_items, prototype_items, provenance_columns)
 from patchdd.generation.profiles import apply_profile, profile_label
-from patchdd.generation.prototypes import class_latents, kmeans_prototypes, stream_order
+from patchdd.generation.prototypes import kmeans_prototypes, stream_order
 from patchdd.methods.synthesis import check_ipcs, subset_mapping
 from patchdd.priors.dit import DEFAULT_DIT, weights_hash
 from patchdd.workflows.invoke import deprecated
@@ -45,6 +46,7 @@ GENERATIVE_METHODS = {
     "d4m": "D4M: per-class k-means prototypes of the VAE latents, text-conditioned img2img from them",
 }
 SETTINGS_FILE = ".generate.json"
+SQUASH_RESIZE = {"bilinear": "torchvision", "bicubic": "buckets"}  # D4M's squash filter -> ScoringDataModule resize
 
 
 def device_of(accelerator: str) -> torch.device:
@@ -78,21 +80,67 @@ def open_statistics(stats: str | None, d3hr: D3HROptions, prior_hash: str,
     return store
 
 
-def d4m_prototypes(source, mapping: ClassMapping, ipcs: list[int], vae, options: D4MOptions, seed: int,
-                   device: torch.device) -> dict[int, dict[str, torch.Tensor]]:
-    """Per IPC and class, ``ipc`` prototypes (ipc, C, h, w): each class's latents are encoded once and clustered
-    for every IPC (k = IPC), then dropped (a class's latents at 512 px are 85 MB for ImageNet's 1,300 images)."""
-    positions: dict[int, list[int]] = {}
-    for position, label in enumerate(source.labels):  # one pass over the source, not one per class
-        positions.setdefault(label, []).append(position)
-    by_class = {}
-    for label, folder in enumerate(mapping.folders):
-        latents = class_latents(source, positions.get(label, []), vae, options, seed, device)
-        flat = latents.reshape(len(latents), -1)[stream_order(len(latents), options.order, seed, folder)]
-        by_class[folder] = {n: torch.from_numpy(kmeans_prototypes(flat, n, options.kmeans, options.km_expand, seed,
-                                                                  options.leftover))
-                            .float().view(n, *latents.shape[1:]) for n in ipcs}
-    return {n: {folder: protos[n] for folder, protos in by_class.items()} for n in ipcs}
+def encode_d4m_latents(data_module, vae, options: D4MOptions, seed: int, cache_dir: Path, trainer_kwargs: dict,
+                       progress: bool, overwrite: bool = False) -> LatentCache:
+    """D4M's encode pass: every training image of ``data_module`` squashed to ``options.image_size`` and encoded
+    once into the latent cache at ``cache_dir``, sharded over the ranks and resumable (the images already cached are
+    left out: a later IPC encodes nothing). A cache of other settings or data is refused (``overwrite``: encoded
+    afresh). Returns the complete cache."""
+    import lightning as L
+
+    from patchdd.datamodules.score_writer import LatentCacheWriter
+    from patchdd.datamodules.scoring_data import ScoringDataModule
+    from patchdd.lightning_modules.generation import PrototypeEncoder
+
+    if options.resize_filter not in SQUASH_RESIZE:
+        raise ValueError(f"d4m.resize_filter must be one of {sorted(SQUASH_RESIZE)}, got {options.resize_filter!r}")
+    images = ScoringDataModule(data_module, split="train", image_size=options.image_size, whole_image=True,
+                               resize=SQUASH_RESIZE[options.resize_filter], batch_size=options.encode_batch,
+                               num_workers=options.encode_workers)
+    encoder = PrototypeEncoder(vae, options.latent_mode, seed)
+    if overwrite and (cache_dir / MANIFEST_FILE).is_file():
+        try:
+            LatentCache.open(cache_dir).check(encoder.settings() | images.settings(), images.class_mapping.to_json(),
+                                              images.describe()["fingerprint"])
+        except StoreMismatchError:
+            shutil.rmtree(cache_dir)
+    trainer = L.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=progress, use_distributed_sampler=False,
+                        callbacks=[LatentCacheWriter(str(cache_dir))])
+    trainer.predict(encoder, datamodule=images, return_predictions=False)
+    cache = LatentCache.open(cache_dir)
+    cache.require_complete()
+    return cache
+
+
+def d4m_prototypes(cache: LatentCache, mapping: ClassMapping, ipc: int, options: D4MOptions, seed: int,
+                   is_global_zero: bool = True, wait_seconds: float = 3600) -> dict[str, torch.Tensor]:
+    """Per class folder, its ``ipc`` k-means prototypes (ipc, C, h, w) of the cached latents: computed once by
+    global rank 0 (one class's latents in memory at a time) into ``prototypes/ipc{N}-{key}.safetensors`` of the
+    cache, which every rank reads (``key``: the cache's content and the k-means settings)."""
+    from safetensors.torch import load_file, save_file
+
+    settings = {"cache": cache.content_hash(), "ipc": ipc, "kmeans": options.kmeans, "km_expand": options.km_expand,
+                "leftover": options.leftover, "order": options.order, "seed": seed}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache.directory / "prototypes" / f"ipc{ipc}-{key}.safetensors"
+    if is_global_zero and not path.is_file():
+        prototypes = {}
+        for label, rows in cache.rows_by_class().items():
+            latents = cache.latents_of(rows)
+            folder = mapping.folders[label]
+            flat = latents.reshape(len(latents), -1).numpy()[stream_order(len(latents), options.order, seed, folder)]
+            centres = kmeans_prototypes(flat, ipc, options.kmeans, options.km_expand, seed, options.leftover)
+            prototypes[folder] = torch.from_numpy(centres).float().view(ipc, *latents.shape[1:])
+        path.parent.mkdir(exist_ok=True)
+        with atomic_file(path) as tmp:
+            save_file(prototypes, str(tmp))
+    deadline = time.monotonic() + wait_seconds
+    while not path.is_file():  # the other ranks (started at once under SLURM) wait for rank 0's file
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not write {path} within {wait_seconds:.0f} s")
+        time.sleep(0.5)
+    return load_file(str(path))
 
 
 def pending_batches(items: Sequence[WorkItem], batches: list[list[int]], directory: Path) -> list[list[int]]:
@@ -179,6 +227,7 @@ def generate(
     allow_partial: bool = False,
     progress: bool = True,
     data: str | None = None,
+    latent_cache: str | None = None,
 ) -> list[Path]:
     """Generate synthetic sets with a diffusion prior (dit, d3hr: a class-conditional DiT; d4m: SD), one per IPC.
 
@@ -221,6 +270,8 @@ def generate(
             ``synthetic.json`` records it.
         progress: show a progress bar.
         data: the old spelling of ``data_root`` (accepted for one release, with a note).
+        latent_cache: D4M's latent cache (every training image encoded once, sharded over the ranks, resumable, and
+            reused by every later IPC); ``None``: ``OUT/d4m_latent_cache``.
     """
     import lightning as L
 
@@ -281,16 +332,18 @@ def generate(
     options |= input_identity(method, store, source, mapping, data_root)
     targets = {n: Path(out) / f"ipc{n}" for n in ipc}
     writer = SyntheticImageWriter({n: str(Path(out) / f".ipc{n}.building") for n in ipc}, output_size, resize_filter)
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                        precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
+    trainer_kwargs = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy,
+                      "precision": precision}
+    trainer = L.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=progress, use_distributed_sampler=False, callbacks=[writer])
     with exclusive_output(out) if trainer.is_global_zero else nullcontext():
         existing = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
         if existing and not overwrite:
             raise FileExistsError(f"output folders exist: {existing} (pass --overwrite true to replace them)")
         sums = store.sums() if store is not None else None
-        prototypes = d4m_prototypes(source, mapping, list(ipc), module.prior.vae.to(device), d4m, seed, device) \
-            if method == "d4m" else {}
+        cache_dir = Path(latent_cache or Path(out) / "d4m_latent_cache")
+        cache = encode_d4m_latents(data_module, module.prior.vae, d4m, seed, cache_dir, trainer_kwargs, progress,
+                                   overwrite) if method == "d4m" else None
         items: list[WorkItem] = []
         batches: list[list[int]] = []
         buildings = {n: Path(d) for n, d in writer.directories.items()}
@@ -302,7 +355,8 @@ def generate(
                 planned = group_items(mapping, model_labels, n, seed, sums, available.folders,
                                       module.dit.latent_shape, d3hr, group_device)
             elif method == "d4m":
-                planned = prototype_items(mapping, n, seed, prototypes[n])
+                planned = prototype_items(mapping, n, seed, d4m_prototypes(cache, mapping, n, d4m, seed,
+                                                                           trainer.is_global_zero))
             else:
                 planned = noise_items(mapping, model_labels, n, seed)
             pending = pending_batches(planned, canonical_batches(planned, batch_size), buildings[n])
