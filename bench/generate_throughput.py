@@ -6,10 +6,11 @@ Two tables:
   encode and decode, and per image: plain DiT generation (50 DDIM steps with CFG + decode), D3HR's inversion
   (encode + 31 CFG steps to t = 600) and D3HR's generation (31 CFG steps from t = 600 + decode);
 * images/s of the same passes run through the suite's modules (``LatentGenerator.predict_step`` and
-  ``LatentInverter.predict_step``), batched, autocast to ``--dtype`` on a GPU (bf16), with peak GPU memory; then
-  the Minimax / seed-001 fine-tune step (``DiTDiffusionPrior.training_step``: DiffFit on the first half of the blocks, the
-  learned-variance hybrid loss, memory banks of 64, AdamW and the EMA, at Minimax's batch 8 and at 32) and D4M's
-  img2img (``PromptedImg2Img.predict_step``: SD v1.5's architecture at 512 px, PNDM 50 steps at strength 0.7, CFG 8).
+  ``LatentInverter.predict_step``), batched, autocast to ``--dtype`` on a GPU (bf16), with peak GPU memory;
+  then the Minimax / seed-001 fine-tune step (``DiTDiffusionPrior.training_step``: DiffFit on the first half of the
+  blocks, the learned-variance hybrid loss, memory banks of 64, AdamW and the EMA, at Minimax's batch 8 and at 32)
+  and D4M's img2img (``PromptedImg2Img.predict_step``: SD v1.5's architecture at 512 px, PNDM 50 steps at strength
+  0.7, CFG 8).
 
     python bench/generate_throughput.py                 # GPU: DiT-XL/2 at 256 px + SD's VAE, batch 32, bf16
     python bench/generate_throughput.py --tiny          # CPU check with the tests' tiny DiT (32 px)

@@ -19,8 +19,8 @@ from patchdd.data.sources import ClassMapping
 from patchdd.data.subsets import d4m_label, synset_line
 from patchdd.generation.group_sampling import derive_seed
 from patchdd.generation.plan import D4MOptions, SamplingOptions, WorkBatch
-from patchdd.generation.sampling import (FINAL_STEPS, ancestral_sample, ancestral_scheduler, ddim_sample, ddim_schedulers,
-                                         guided_model, restart_index)
+from patchdd.generation.sampling import (FINAL_STEPS, ancestral_sample, ancestral_scheduler, ddim_sample,
+                                         ddim_schedulers, guided_model, restart_index)
 from patchdd.priors.dit import DEFAULT_DIT, DiTPrior, encode_scaled, load_dit_prior, load_vae, weights_hash
 from patchdd.priors.sd import DEFAULT_PRIOR, load_prior, vae_downsample_factor
 

@@ -138,9 +138,9 @@ def load_component(cls, source: str | None, subfolder: str, revision: str | None
         else:
             where = f"the hub id {source!r}" + (" (offline, and no cached copy exists)" if offline else "")
         raise PriorUnavailableError(
-            f"cannot load the {subfolder or cls.__name__} of the diffusion prior from {where}: {reason}. Pass a local folder "
-            f"holding {' '.join(c + '/' for c in layout)}, or run once with network access to fill the Hugging Face "
-            "cache.") from None
+            f"cannot load the {subfolder or cls.__name__} of the diffusion prior from {where}: {reason}. Pass a local "
+            f"folder holding {' '.join(c + '/' for c in layout)}, or run once with network access to fill the Hugging "
+            "Face cache.") from None
 
 
 def build_prior(pretrained: str | None = None, unet: dict | None = None, vae: dict | None = None,

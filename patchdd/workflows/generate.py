@@ -261,8 +261,8 @@ def generate(
         num_nodes: nodes (under SLURM, ``srun`` starts one task per device: see the docs' cluster recipes).
         strategy: Lightning strategy.
         precision: Lightning precision (default: ``bf16-mixed`` on a GPU, ``32-true`` on the CPU).
-        vae: the VAE that decodes a DiT's latents, hub id or folder (Minimax / Li et al.: ``stabilityai/sd-vae-ft-mse``);
-            ``None``: the prior's own (dit, d3hr).
+        vae: the VAE that decodes a DiT's latents, hub id or folder (Minimax / Li et al.:
+            ``stabilityai/sd-vae-ft-mse``); ``None``: the prior's own (dit, d3hr).
         meta_dit: run the DiT as Meta's code computes it (timestep frequencies / 128, LayerNorm eps 1e-6), as
             ``facebook/DiT-XL-2-256`` was trained; ``False``: diffusers' variant (dit, d3hr).
         overwrite: replace existing ``ipc{N}`` folders, and restart a building set whose inputs changed.
