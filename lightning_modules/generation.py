@@ -48,6 +48,7 @@ class LatentGenerator(L.LightningModule):
                  start_timestep: int | None = None, restart_offset: int = 0, final_steps: str = "scheduler",
                  revision: str | None = None, vae: str | None = None, meta_dit: bool = True) -> None:
         super().__init__()
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may get no batch: it finishes cleanly
         if sampling.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampling.sampler!r}")
         if sampling.sampler == "ancestral" and start_timestep is not None:
@@ -107,6 +108,7 @@ class PrototypeEncoder(L.LightningModule):
 
     def __init__(self, vae: torch.nn.Module, latent_mode: str = "sample", seed: int = 0) -> None:
         super().__init__()
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may get no batch: it finishes cleanly
         self.vae, self.latent_mode, self.seed = vae, latent_mode, seed
 
     def settings(self) -> dict:
@@ -142,6 +144,7 @@ class PromptedImg2Img(L.LightningModule):
     def __init__(self, prior: str = DEFAULT_PRIOR, options: D4MOptions = D4MOptions(),
                  revision: str | None = None) -> None:
         super().__init__()
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may get no batch: it finishes cleanly
         self.options = options
         self.prior = load_prior(prior, revision)
         self.scheduler = PNDMScheduler.from_config(self.prior.scheduler.config, skip_prk_steps=True)

@@ -46,6 +46,7 @@ class LatentInverter(L.LightningModule):
                  cfg_scale: float = 4.0, cfg_channels: int | None = None, skip_first: bool = True,
                  latent_mode: str = "sample", seed: int = 0, meta_dit: bool = True) -> None:
         super().__init__()
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may get no batch: it finishes cleanly
         if latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
         self.steps, self.timestep, self.cfg_scale, self.cfg_channels = steps, timestep, cfg_scale, cfg_channels

@@ -467,7 +467,8 @@ def test_d4m_on_two_ranks_encodes_each_image_once_and_a_second_ipc_encodes_nothi
 
     options = D4MOptions(image_size=32, steps=2, prompt_template="An image of {name}", negative_prompt="",
                          encode_batch=5, encode_workers=0)
-    common = {"data_root": str(toy_root), "d4m": options, "batch_size": 2, "accelerator": "cpu", "progress": False}
+    common = {"data_root": str(toy_root), "d4m": options, "batch_size": 4, "accelerator": "cpu", "progress": False}
+    # IPC 1: one generation batch of 4 on two ranks (the other rank has none and finishes cleanly)
     generate("d4m", str(tmp_path / "two"), str(prior_dir), ipc=[1], devices=2, strategy="ddp_fork", **common)
     cache = LatentCache.open(tmp_path / "two" / "d4m_latent_cache")
     ids = [i for shard in cache.shard_image_ids() for i in shard]
