@@ -12,10 +12,13 @@ line on the console; ``--traceback`` shows the stack, ``--verbose`` everything c
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.util
+import io
 import os
 import sys
+from pathlib import Path
 
 from patchdd.errors import one_line
 
@@ -67,6 +70,47 @@ def dispatch(args: list[str]) -> None:
         raise SystemExit(f"patchdd: unknown command {name!r}; `patchdd --help` lists the commands")
 
 
+def help_cache_file(command: str) -> Path:
+    """Where ``patchdd COMMAND --help`` is kept: named by a hash of every source file of the suite and of the
+    versions of Python and the parser, so any change to the code or the environment makes a new one."""
+    import hashlib
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(f"{sys.version}:{version('jsonargparse')}:{version('lightning')}".encode())
+    for package in ("patchdd", "patchdd.lightning_modules", "patchdd.datamodules"):
+        folder = Path(importlib.util.find_spec(package).submodule_search_locations[0])
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patchdd" / "help"
+    return cache / f"{command}-{digest.hexdigest()[:16]}.txt"
+
+
+def print_command_help(command: str) -> None:
+    """``patchdd COMMAND --help``: the parser's text, built once per version of the code (building it imports
+    torch, Lightning and every model class: seconds) and printed from the cache afterwards."""
+    cached = help_cache_file(command)
+    if cached.is_file():
+        print(cached.read_text(), end="")
+        return
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        try:
+            dispatch([command, "--help"])
+        except SystemExit as done:
+            if done.code not in (0, None):
+                raise
+    text = buffer.getvalue()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only home: the help is still printed
+    print(text, end="")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one command; ``argv`` defaults to the process's command line."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -78,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
         print_overview()
         return
     try:
+        if args[1:] in (["--help"], ["-h"]) and args[0] in (*COMMANDS, *TRAINER_COMMANDS):
+            print_command_help(args[0])
+            return
         dispatch(args)
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -71,3 +71,20 @@ def test_distill_takes_method_and_generate_the_old_data_spelling(tmp_path, capsy
         cli.main(["generate", "--method", "d4m", "--data", str(tmp_path / "nowhere"), "--prior",
                   str(tmp_path / "no_prior"), "--out", str(tmp_path / "gen")])
     assert "note: data is deprecated, use data_root" in capsys.readouterr().err
+
+
+def test_command_help_is_built_once_then_read_from_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cli.main(["methods", "--help"])
+    first = capsys.readouterr().out
+    assert "usage: patchdd methods" in first and len(list((tmp_path / "patchdd" / "help").glob("methods-*.txt"))) == 1
+
+    def no_parser(args):
+        raise AssertionError("the cached help should not build the parser")
+
+    monkeypatch.setattr(cli, "dispatch", no_parser)
+    cli.main(["methods", "--help"])
+    assert capsys.readouterr().out == first
+    with pytest.raises(SystemExit):  # options besides --help: the parser runs (here: the stand-in that fails)
+        cli.main(["methods", "--help", "--verbose_x"])
+    assert "should not build the parser" in capsys.readouterr().err
