@@ -5,6 +5,9 @@
   and within a block, a command reads under ``runs/`` only what an earlier command wrote (:class:`PathFlow`).
 * The README's GPU quickstart runs end to end, in its order and with its paths, on the CPU through the substitution
   table below: a step that cannot find what an earlier step wrote fails here, as it would for a user.
+* Every ``python`` block runs as written in a folder laid out as after ``make demo`` (small toy data, a one-epoch
+  toy teacher, 30 training images per class), with ``patchdd.score`` / ``patchdd.evaluate`` given CPU-sized options
+  (2 draws, 8 patches kept per image: IPC 10 needs 40 per class; 1 epoch).
 
 A block that cannot run here is marked in the Markdown, right before it, with ``<!-- doc-test: skip (reason) -->``;
 the marks are counted against a budget.
@@ -215,3 +218,44 @@ def test_the_readme_gpu_quickstart_runs_in_its_order(prior_dir, tmp_path, monkey
         cli.main(substituted(suite_args(command), data_root, prior_dir))
     summaries = list(Path("runs/student/imagenette").rglob("summary.json"))
     assert len(summaries) == 1 and json.loads(summaries[0].read_text())["epochs"] == 1
+
+
+# --- the Python examples, run as written -----------------------------------------------------------------------
+FAST_SCORE = {"model.num_draws": 2, "model.dift_ensemble": 1, "model.top_k": 8, "data.num_workers": 0,
+              "trainer.enable_progress_bar": False}
+FAST_EVALUATE = {"trainer.max_epochs": 1, "data.real.init_args.num_workers": 0, "model.min_teacher_top1": 0,
+                 "trainer.enable_progress_bar": False}
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """(page, code) of every ```` ```python ```` block of README.md and docs/."""
+    found = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+    return [(page.relative_to(REPO).as_posix(), code) for page in PAGES for code in found.findall(page.read_text())]
+
+
+def with_options(function, extra: dict):
+    def call(*args, options=None, **kwargs):
+        return function(*args, options=extra | (options or {}), **kwargs)
+
+    return call
+
+
+def test_the_python_examples_run_as_written(tmp_path, monkeypatch) -> None:
+    import patchdd
+    from patchdd.data.toy import write_toy_dataset
+
+    blocks = python_blocks()
+    assert [page for page, _ in blocks] == ["docs/getting-started.md"]  # a new example gets its setting here
+    monkeypatch.chdir(tmp_path)
+    for shared in ("configs", "assets"):
+        (tmp_path / shared).symlink_to(REPO / shared)
+    write_toy_dataset("data/toy", train_per_class=30, val_per_class=2)  # 128 px, as the demo's
+    cli.main(["fit", "-c", "configs/teacher/toy_convnet.yaml", "--data.root", "data/toy", "--trainer.max_epochs", "1",
+              "--data.num_workers", "0", "--trainer.default_root_dir", "runs/demo/teacher",
+              "--trainer.enable_progress_bar", "false"])  # the demo's teacher, one epoch
+    monkeypatch.setattr(patchdd, "score", with_options(patchdd.score, FAST_SCORE))
+    monkeypatch.setattr(patchdd, "evaluate", with_options(patchdd.evaluate, FAST_EVALUATE))
+    for _, code in blocks:
+        exec(compile(code, "example", "exec"), {})
+    assert len(list(Path("runs/student/notebook").rglob("summary.json"))) == 1
+    assert len(list(Path("runs/syn/toy/ipc10").rglob("*.png"))) == 10 * 10
