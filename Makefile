@@ -37,7 +37,7 @@ toy-prior: $(STAMP)
 	test -d data/toy || $(PY) cli.py toydata --out data/toy
 	$(PY) cli.py fit -c configs/prior/toy.yaml --model.export_dir assets/toy_prior
 
-# The committed toy DiT prior (assets/toy_dit) of the generative rows: 3000 steps, about 15 CPU minutes; one torch
+# The committed toy DiT prior (assets/toy_dit) of the generative rows: 8000 steps, about 45 CPU minutes; one torch
 # thread, as it was trained, reproduces the committed weights bit for bit.
 toy-dit: $(STAMP)
 	test -d data/toy || $(PY) cli.py toydata --out data/toy

@@ -368,10 +368,11 @@ def test_unknown_method_and_missing_statistics_are_clear_errors(dit_dir, tmp_pat
 @pytest.mark.slow
 def test_the_committed_toy_dit_makes_images_the_toy_teacher_recognises(tmp_path, monkeypatch):
     """CFG-4 DDIM samples of assets/toy_dit (IPC 10) against a freshly trained toy teacher: a prior that ignored
-    its label would score about 10 % (measured when committed: 55 %)."""
-    from patchdd.data.pixels import normalize
+    its label would score about 10 % (measured when committed: 97 % against the demo's teacher; the previous 0.3 M
+    parameter DiT, which drew blobs of the class hue: 55 %)."""
     from patchdd.data.sources import IMAGENET_MEAN, IMAGENET_STD
     from patchdd.data.toy import write_toy_dataset
+    from patchdd.evaluation.synthetic_sets import recognition_rate
     from patchdd.training.zoo import build_model, find_run_checkpoint
     from patchdd.workflows.invoke import run_trainer_command
 
@@ -385,9 +386,7 @@ def test_the_committed_toy_dit_makes_images_the_toy_teacher_recognises(tmp_path,
                           checkpoint=str(find_run_checkpoint(tmp_path / "teacher"))).eval()
     generate("dit", str(tmp_path / "syn"), "assets/toy_dit", ipc=[10], batch_size=50, progress=False)
     synthetic = read_synthetic_folder(tmp_path / "syn" / "ipc10")
-    with torch.no_grad():
-        predicted = teacher(normalize(synthetic.images, IMAGENET_MEAN, IMAGENET_STD)).argmax(1)
-    assert (predicted == synthetic.labels).float().mean() > 0.45
+    assert recognition_rate(teacher, synthetic.images, synthetic.labels, 64, IMAGENET_MEAN, IMAGENET_STD) > 0.80
 
 
 # --- D4M ----------------------------------------------------------------------------------------------------------
