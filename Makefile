@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SETUP_LOG := $(VENV)/setup.log
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup test test-all docs demo panel toydata toy-prior toy-dit bench-gpu clean
+.PHONY: setup test test-all docs demo panel toydata toy-prior toy-dit rehearsal bench-gpu clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ toy-prior: $(STAMP)
 toy-dit: $(STAMP)
 	test -d data/toy || $(PY) cli.py toydata --out data/toy
 	OMP_NUM_THREADS=1 $(PY) cli.py fit -c configs/prior/toy_dit.yaml --model.export_dir assets/toy_dit
+
+# The README's GPU quickstart and the ImageWoof recipe as written, with SD v1.5, DiT-XL/2 and ResNet-18 at their real
+# sizes (random weights) on a 4-class ImageNet-shaped folder, on the CPU: each step's time and peak memory
+# (tests/test_rehearsal.py; figures in BENCHMARKS.md).
+rehearsal: $(STAMP)
+	$(PY) -m pytest -q -s -m rehearsal tests/test_rehearsal.py
 
 # Every throughput figure on one GPU (under 9 minutes on an H100), written into BENCHMARKS.md.
 bench-gpu: $(STAMP)
