@@ -22,9 +22,10 @@ size, what it repeats is cut; at 256 px one 224 px patch fits an image, hence th
 | ``--method rded`` | IPC 1, one patch per image (RDED keeps one crop per image: IPC 10 needs 40 images a class) |
 | ``imagenet_subset_resnet18.yaml``, students | 1 epoch |
 | ``dit_imagenet.yaml``, ``d3hr_imagenet.yaml`` | IPC 1, 10 DDIM steps; D3HR: 2,000 candidate groups |
+| ``dit_minimax.yaml`` (with or without ``adaptive_memory.yaml``) | 2 DiffFit steps of batch 2, no validation |
+| ``minimax_imagenet.yaml``, ``d4m_imagenet.yaml`` | IPC 1, 10 sampling steps; the DiT's own VAE for ``--vae`` |
 
-Not rehearsed: the recipe's Minimax / self-adaptive-memory fine-tunes of DiT-XL/2 with their generations, D4M's
-generation and the two matrices (listed in ``NOT_REHEARSED``; the students are rehearsed by the quickstart).
+Not rehearsed: the recipe's two matrices (``NOT_REHEARSED``; the students are rehearsed by the quickstart).
 """
 
 from __future__ import annotations
@@ -71,13 +72,20 @@ REHEARSAL = {config: options.split() for config, options in {
                                                         "--model.min_teacher_top1 0",
     "--method rded": "--ipc 1 --synthesis.layout.compose_max_ipc 0",
     "configs/student/imagenette.yaml": "--data.classes " + CLASSES["imagenette"],
+    "configs/prior/dit_minimax.yaml": CPU_STUDENT + "--trainer.max_steps 2 --trainer.limit_val_batches 0 "
+                                                    "--model.pretrained {dit_xl2} --model.vae_from {dit_xl2} "
+                                                    "--data.batch_size 2 --data.num_workers 0 --data.classes "
+                                                    + CLASSES["imagewoof"],
+    "configs/prior/adaptive_memory.yaml": "",
+    "configs/generate/minimax_imagenet.yaml": "--ipc 1 --sampling.steps 10 --vae {dit_xl2} --accelerator cpu "
+                                              "--batch_size 2 --progress false --classes " + CLASSES["imagewoof"],
+    "configs/generate/d4m_imagenet.yaml": "--prior {sd15} --ipc 1 --d4m.steps 10 --accelerator cpu --precision 32-true "
+                                          "--batch_size 2 --progress false",
     "configs/generate/dit_imagenet.yaml": DIT_STEPS,
     "configs/generate/d3hr_imagenet.yaml": DIT_STEPS + "--precision 32-true --d3hr.candidates 2000 "
                                                        "--d3hr.block_size 1000 --d3hr.device cpu",
 }.items()}
-NOT_REHEARSED = ["configs/prior/dit_minimax.yaml", "configs/generate/minimax_imagenet.yaml",
-                 "configs/generate/d4m_imagenet.yaml", "configs/matrix/woof_methods.yaml",
-                 "configs/matrix/idc_imagewoof.yaml"]
+NOT_REHEARSED = ["configs/matrix/woof_methods.yaml", "configs/matrix/idc_imagewoof.yaml"]
 
 
 def real_priors(root: Path) -> dict[str, str]:
@@ -183,8 +191,8 @@ def test_the_quickstart_and_the_imagewoof_recipe_run_with_the_real_architectures
         rows.append((f"{page}: {args[0]} {' '.join(config_files(args))}{method}", seconds, peak))
     summary = json.loads(next(Path("runs/student/imagenette").rglob("summary.json")).read_text())
     assert summary["epochs"] == 1
-    for folder, images in (("imagenette/ipc10", 20), ("woof/diffusion/ipc10", 20), ("woof/rded/ipc1", 2),
-                           ("woof/dit/ipc1", 2), ("woof/d3hr/ipc1", 2)):
+    generated = [(f"woof/{method}/ipc1", 2) for method in ("rded", "dit", "d3hr", "minimax", "memory", "d4m")]
+    for folder, images in [("imagenette/ipc10", 20), ("woof/diffusion/ipc10", 20), *generated]:
         assert len(list(Path(f"runs/syn/{folder}").rglob("*.png"))) == images, folder
     print("\n| step | seconds | peak resident memory (GiB) |\n| --- | --- | --- |")
     for name, seconds, peak in rows:
