@@ -199,18 +199,27 @@ def imagenet_shaped(root: Path, wnids: tuple[str, ...], train: int = 3, val: int
     return root
 
 
+def config_files(args: list[str]) -> list[str]:
+    """The ``-c`` / ``--config`` files of a command's arguments, in order."""
+    return [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("-c", "--config")]
+
+
+def block_of(page: str) -> Block:
+    """The first shell block of ``page`` (README.md: the GPU quickstart; docs/recipes.md: the ImageWoof recipe)."""
+    return next(b for b in BLOCKS if b.page == page)
+
+
 def substituted(args: list[str], data_root: Path, tiny_sd: Path) -> list[str]:
     """A command's arguments on the CPU: the data root replaced, each config's extra options appended."""
     args = [str(data_root) if arg == "/data/imagenet" else arg for arg in args]
-    extra = [value.format(tiny_sd=tiny_sd) for i, arg in enumerate(args[:-1]) if arg in ("-c", "--config")
-             for value in SUBSTITUTIONS.get(args[i + 1], [])]
-    return args + extra
+    return args + [value.format(tiny_sd=tiny_sd) for config in config_files(args)
+                   for value in SUBSTITUTIONS.get(config, [])]
 
 
 def test_the_readme_gpu_quickstart_runs_in_its_order(prior_dir, tmp_path, monkeypatch) -> None:
     from patchdd.data.subsets import PRESETS
 
-    quickstart = next(b for b in BLOCKS if b.page == "README.md")
+    quickstart = block_of("README.md")
     data_root = imagenet_shaped(tmp_path / "imagenet", PRESETS["imagenette"])
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")  # every relative path of the recipe lands here

@@ -43,7 +43,7 @@ import pytest
 import yaml
 
 from patchdd.data.subsets import PRESETS
-from tests.test_doc_commands import BLOCKS, imagenet_shaped, suite_args
+from tests.test_doc_commands import block_of, config_files, imagenet_shaped, suite_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.rehearsal]
 
@@ -76,7 +76,7 @@ REHEARSAL = {config: options.split() for config, options in {
                                                     "--model.pretrained {dit_xl2} --model.vae_from {dit_xl2} "
                                                     "--data.batch_size 2 --data.num_workers 0 --data.classes "
                                                     + CLASSES["imagewoof"],
-    "configs/prior/adaptive_memory.yaml": "",
+    "configs/prior/adaptive_memory.yaml": "",   # stacked on dit_minimax.yaml, whose options serve both
     "configs/generate/minimax_imagenet.yaml": "--ipc 1 --sampling.steps 10 --vae {dit_xl2} --accelerator cpu "
                                               "--batch_size 2 --progress false --classes " + CLASSES["imagewoof"],
     "configs/generate/d4m_imagenet.yaml": "--prior {sd15} --ipc 1 --d4m.steps 10 --accelerator cpu --precision 32-true "
@@ -98,10 +98,6 @@ def real_priors(root: Path) -> dict[str, str]:
     save_dit_prior(root / "dit_xl2", build_dit_prior(None, DIT_XL2, sd15["vae"], DIT_SCHEDULE, frozen=True,
                                                      name="dit_xl2"))
     return {"sd15": str(root / "sd15"), "dit_xl2": str(root / "dit_xl2")}
-
-
-def config_files(args: list[str]) -> list[str]:
-    return [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("-c", "--config")]
 
 
 def substitutions_of(args: list[str]) -> list[str]:
@@ -141,28 +137,23 @@ def resident_peak_kib(pid: int) -> int:
     return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
 
 
+def is_rehearsed(args: list[str]) -> bool:
+    return not set(config_files(args)) & set(NOT_REHEARSED)
+
+
 def recipe_steps() -> list[tuple[str, list[str]]]:
     """(page, arguments) of the quickstart's commands and the rehearsed commands of the ImageWoof recipe."""
-    quickstart = next(b for b in BLOCKS if b.page == "README.md")
-    recipe = next(b for b in BLOCKS if b.page == "docs/recipes.md")
-    steps = [("README", suite_args(c)) for c in quickstart.commands]
-    for command in recipe.commands:
-        args = suite_args(command)
-        if not any(config in NOT_REHEARSED for config in config_files(args)):
-            steps.append(("recipes", args))
-    return steps
+    recipe = [suite_args(command) for command in block_of("docs/recipes.md").commands]
+    return ([("README", suite_args(command)) for command in block_of("README.md").commands]
+            + [("recipes", args) for args in recipe if is_rehearsed(args)])
 
 
 def test_every_recipe_command_is_rehearsed_or_listed_as_not() -> None:
     """A command added to the recipe gets its substitutions in REHEARSAL or a place in NOT_REHEARSED."""
-    recipe = next(b for b in BLOCKS if b.page == "docs/recipes.md")
-    listed = set()
-    for command in recipe.commands:
-        configs = set(config_files(suite_args(command)))
-        listed |= configs & set(NOT_REHEARSED)
-        assert configs & set(NOT_REHEARSED) or configs <= set(substitutions_of(suite_args(command))), \
-            shlex.join(command)
-    assert listed == set(NOT_REHEARSED)
+    recipe = [suite_args(command) for command in block_of("docs/recipes.md").commands]
+    for args in filter(is_rehearsed, recipe):
+        assert set(config_files(args)) <= set(substitutions_of(args)), shlex.join(args)
+    assert {config for args in recipe for config in config_files(args)} >= set(NOT_REHEARSED)
 
 
 @pytest.fixture
