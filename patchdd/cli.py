@@ -86,13 +86,12 @@ def help_cache_file(command: str) -> Path:
     return cache / f"{command}-{digest.hexdigest()[:16]}.txt"
 
 
-def print_command_help(command: str) -> None:
-    """``patchdd COMMAND --help``: the parser's text, built once per version of the code (building it imports
-    torch, Lightning and every model class: seconds) and printed from the cache afterwards."""
+def command_help(command: str) -> str:
+    """``patchdd COMMAND --help``'s text, built once per version of the code (building it imports torch, Lightning
+    and every model class: seconds) and read from the cache afterwards."""
     cached = help_cache_file(command)
     if cached.is_file():
-        print(cached.read_text(), end="")
-        return
+        return cached.read_text()
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         try:
@@ -108,7 +107,14 @@ def print_command_help(command: str) -> None:
         os.replace(tmp, cached)
     except OSError:
         pass  # a read-only home: the help is still printed
-    print(text, end="")
+    return text
+
+
+def build_help_cache() -> None:
+    """Build every command's help into the cache in one process (``make setup`` does, after the install), so that
+    the first ``patchdd COMMAND --help`` is read from the cache too."""
+    for command in (*TRAINER_COMMANDS, *COMMANDS):
+        command_help(command)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         if args[1:] in (["--help"], ["-h"]) and args[0] in (*COMMANDS, *TRAINER_COMMANDS):
-            print_command_help(args[0])
+            print(command_help(args[0]), end="")
             return
         dispatch(args)
     except KeyboardInterrupt:

@@ -73,14 +73,15 @@ def test_distill_takes_method_and_generate_the_old_data_spelling(tmp_path, capsy
     assert "note: data is deprecated, use data_root" in capsys.readouterr().err
 
 
+def no_parser(args):
+    raise AssertionError("the cached help should not build the parser")
+
+
 def test_command_help_is_built_once_then_read_from_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cli.main(["methods", "--help"])
     first = capsys.readouterr().out
     assert "usage: patchdd methods" in first and len(list((tmp_path / "patchdd" / "help").glob("methods-*.txt"))) == 1
-
-    def no_parser(args):
-        raise AssertionError("the cached help should not build the parser")
 
     monkeypatch.setattr(cli, "dispatch", no_parser)
     cli.main(["methods", "--help"])
@@ -88,3 +89,15 @@ def test_command_help_is_built_once_then_read_from_the_cache(tmp_path, monkeypat
     with pytest.raises(SystemExit):  # options besides --help: the parser runs (here: the stand-in that fails)
         cli.main(["methods", "--help", "--verbose_x"])
     assert "should not build the parser" in capsys.readouterr().err
+
+
+def test_setup_builds_every_commands_help_so_the_first_call_is_read_from_the_cache(tmp_path, monkeypatch, capsys):
+    """``make setup`` runs ``build_help_cache``; the trainer commands' usage names ``patchdd`` whichever process built
+    it (here pytest, whose sys.argv[0] LightningCLI would print)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cli.build_help_cache()
+    monkeypatch.setattr(cli, "dispatch", no_parser)
+    for command in (*cli.TRAINER_COMMANDS, *cli.COMMANDS):
+        cli.main([command, "--help"])
+        usage = capsys.readouterr().out.splitlines()[0]
+        assert usage.startswith("usage: patchdd ") and f" {command} " in f"{usage} ", usage

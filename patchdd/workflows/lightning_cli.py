@@ -26,7 +26,8 @@ class PatchDDCLI(LightningCLI):
         with warnings.catch_warnings():  # args given from Python (the demo, the matrix) while sys.argv is the caller's
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             super().__init__(seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args,
-                             auto_configure_optimizers=False, parser_class=PatchDDArgumentParser)
+                             auto_configure_optimizers=False, parser_class=PatchDDArgumentParser,
+                             parser_kwargs={"prog": "patchdd"})  # not sys.argv[0] (cli.py, -c, __main__.py)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ScoreStoreWriter, "store")
