@@ -39,16 +39,22 @@ def code_version() -> str:
         return "unknown"
 
 
+def pass_settings(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: L.LightningDataModule) -> dict:
+    """What a predict pass's values depend on, compared when a store is resumed or reused: the module's and the
+    data's settings and the Trainer's precision (a resume at another precision would mix values of both)."""
+    return pl_module.settings() | datamodule.settings() | {"precision": str(trainer.precision)}
+
+
 def store_manifest(trainer: L.Trainer, pl_module: L.LightningModule) -> Manifest:
-    """The manifest of a predict pass: module + data settings, class mapping, how to reopen the images."""
+    """The manifest of a predict pass: its settings, class mapping, how to reopen the images."""
     datamodule = trainer.datamodule
     for name, owner in (("settings", pl_module), ("settings", datamodule), ("describe", datamodule)):
         if not hasattr(owner, name):
             raise TypeError(f"a store writer needs {type(owner).__name__}.{name}() (use a scoring or inversion "
                             "module with ScoringDataModule)")
     provenance = {"code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "precision": str(trainer.precision), "world_size": trainer.world_size}
-    return Manifest(settings=pl_module.settings() | datamodule.settings(),
+                  "world_size": trainer.world_size}
+    return Manifest(settings=pass_settings(trainer, pl_module, datamodule),
                     classes=datamodule.class_mapping.to_json(), data=datamodule.describe(), provenance=provenance)
 
 

@@ -117,7 +117,8 @@ class PrototypeEncoder(L.LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: ScoringBatch, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Latents (B, C, h, w) on the CPU, the labels and the image ids of a batch."""
+        """Latents (B, C, h, w) on the CPU in the VAE's dtype (scaled, then rounded: an fp16 VAE gives D4M's fp16
+        latents), the labels and the image ids of a batch."""
         if len(batch) == 0:
             return torch.empty(0), torch.empty(0, dtype=torch.long), []
         images = batch.images.to(self.device).float() / 127.5 - 1
@@ -127,7 +128,8 @@ class PrototypeEncoder(L.LightningModule):
             shape = (int(self.vae.config.latent_channels), side, side)
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
                 derive_seed(self.seed, "d4m", image_id))) for image_id in batch.image_ids]).to(self.device)
-        return encode_scaled(self.vae, images, self.latent_mode, noise).cpu(), batch.labels, list(batch.image_ids)
+        latents = encode_scaled(self.vae, images, self.latent_mode, noise).to(self.vae.dtype)  # fp16 VAE: as D4M's
+        return latents.cpu(), batch.labels, list(batch.image_ids)
 
 
 class PromptedImg2Img(L.LightningModule):

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from patchdd import cli
@@ -224,6 +225,37 @@ def test_a_d4m_resume_on_a_replaced_data_folder_is_refused(prior_dir, tmp_path, 
         run()
     run(overwrite=True)
     assert len(list((tmp_path / "out" / "ipc2").rglob("img_*.png"))) == 4
+
+
+def test_the_d4m_latent_cache_keeps_the_vaes_dtype_and_refuses_another_precision(prior_dir, tmp_path) -> None:
+    """Under 16-true the cache holds fp16 latents (D4M's code keeps fp16 latents); the precision is one of its
+    settings, so reusing it at 32-true is refused naming it, also for a cache written when the precision was only
+    provenance."""
+    from safetensors import safe_open
+
+    from patchdd.data.toy import write_toy_dataset
+    from patchdd.generation.plan import D4MOptions
+
+    options = D4MOptions(image_size=32, steps=2, prompt_template="An image of {name}", negative_prompt="")
+    data = write_toy_dataset(str(tmp_path / "data"), num_classes=2, image_size=32, train_per_class=3,
+                             val_per_class=1)
+    cache = tmp_path / "cache"
+
+    def run(out: str, precision: str) -> None:
+        generate("d4m", str(tmp_path / out), str(prior_dir), ipc=[2], data_root=str(data), d4m=options, batch_size=3,
+                 progress=False, latent_cache=str(cache), precision=precision)
+
+    run("half", "16-true")
+    for shard in (cache / "shards").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as table:
+            assert table.get_tensor("latents").dtype == torch.float16
+    with pytest.raises(StoreMismatchError, match="precision: store has '16-true', requested '32-true'"):
+        run("full", "32-true")
+    manifest = json.loads((cache / "manifest.json").read_text())  # as an older release wrote it
+    manifest["provenance"]["precision"] = manifest["settings"].pop("precision")
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreMismatchError, match="precision: store has '16-true', requested '32-true'"):
+        run("full", "32-true")
 
 
 # --- 4. toydata over an existing folder -------------------------------------------------------------------------

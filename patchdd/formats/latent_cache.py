@@ -3,9 +3,10 @@
 
 Layout (the score store's habits, :mod:`patchdd.formats.stores`)::
 
-    manifest.json                    format, encoding settings (VAE hash, size, filter, latent mode, seed), classes,
-                                     data description and fingerprint
-    shards/rank{R}-{S}.safetensors   latents (N, C, h, w) fp32 and labels (N,); metadata: the images' ids
+    manifest.json                    format, encoding settings (VAE hash, size, filter, latent mode, seed, precision),
+                                     classes, data description and fingerprint
+    shards/rank{R}-{S}.safetensors   latents (N, C, h, w) in the encoding precision's dtype (fp16 under 16-true)
+                                     and labels (N,); metadata: the images' ids
     prototypes/ipc{N}-{key}.safetensors   per class, its k-means prototypes at IPC N (``key``: what they depend on)
 
 A latent depends on its image and the settings only (its posterior noise is seeded by (seed, image id)), so the
@@ -28,8 +29,8 @@ class LatentCache(IdShardStore):
     FORMAT_NAME, FORMAT_VERSION, KIND = "patchdd-latent-cache", 1, "latent cache"
 
     def append(self, latents: torch.Tensor, labels: torch.Tensor, image_ids: list[str], rank: int = 0) -> None:
-        """Write one shard of latents atomically."""
-        self.write_shard({"latents": latents.float().cpu(), "labels": labels.long().cpu()}, image_ids, rank)
+        """Write one shard of latents atomically, in the dtype they were encoded in."""
+        self.write_shard({"latents": latents.cpu(), "labels": labels.long().cpu()}, image_ids, rank)
 
     def rows_by_class(self) -> dict[int, list[tuple[str, Path, int]]]:
         """Per class label, where each of its images' latents lies: (image id, shard, row), sorted by id, so that
@@ -50,7 +51,7 @@ class LatentCache(IdShardStore):
 
     def latents_of(self, rows: list[tuple[str, Path, int]]) -> torch.Tensor:
         """The latents (N, C, h, w) at ``rows`` (from :meth:`rows_by_class`), in that order; one class at a time
-        (ImageNet's 1,300 latents of a class at 512 px are 85 MB; the whole cache is 1,000 times that)."""
+        (ImageNet's 1,300 latents of a class at 512 px are 43 MB in fp16; the whole cache is 1,000 times that)."""
         from safetensors import safe_open
 
         latents = []

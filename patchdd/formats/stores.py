@@ -125,7 +125,7 @@ class ManifestStore:
 
     def check(self, settings: dict, classes: dict | None = None, fingerprint: dict | None = None) -> None:
         """Raise :class:`StoreMismatchError` when the store was made with other settings, classes or data."""
-        diff = settings_difference(self.manifest.settings, settings)
+        diff = settings_difference(self.recorded_settings(), settings)
         if classes is not None and _plain(classes) != _plain(self.manifest.classes):
             diff.append(f"classes: the {self.KIND}'s class list differs from the requested one")
         if fingerprint is not None:
@@ -133,6 +133,11 @@ class ManifestStore:
         if diff:
             raise StoreMismatchError(f"{self.KIND} {self.directory} was written with other settings:\n  "
                                      + "\n  ".join(diff))
+
+    def recorded_settings(self) -> dict:
+        """The settings the store was made with; one written before the precision was a setting kept the precision
+        in its provenance."""
+        return {"precision": self.manifest.provenance.get("precision")} | self.manifest.settings
 
     def shard_paths(self) -> list[Path]:
         return sorted((self.directory / SHARD_DIR).glob(f"*{self.SHARD_SUFFIX}"))

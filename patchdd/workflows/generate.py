@@ -88,7 +88,7 @@ def encode_d4m_latents(data_module, vae, options: D4MOptions, seed: int, cache_d
     afresh). Returns the complete cache."""
     import lightning as L
 
-    from patchdd.datamodules.score_writer import LatentCacheWriter
+    from patchdd.datamodules.score_writer import LatentCacheWriter, pass_settings
     from patchdd.datamodules.scoring_data import ScoringDataModule
     from patchdd.lightning_modules.generation import PrototypeEncoder
 
@@ -98,15 +98,15 @@ def encode_d4m_latents(data_module, vae, options: D4MOptions, seed: int, cache_d
                                resize=SQUASH_RESIZE[options.resize_filter], batch_size=options.encode_batch,
                                num_workers=options.encode_workers)
     encoder = PrototypeEncoder(vae, options.latent_mode, seed)
-    if overwrite and (cache_dir / MANIFEST_FILE).is_file():
-        try:
-            LatentCache.open(cache_dir).check(encoder.settings() | images.settings(), images.class_mapping.to_json(),
-                                              images.describe()["fingerprint"])
-        except StoreMismatchError:
-            shutil.rmtree(cache_dir)
     trainer = L.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=progress, use_distributed_sampler=False,
                         callbacks=[LatentCacheWriter(str(cache_dir))])
+    if overwrite and (cache_dir / MANIFEST_FILE).is_file():
+        try:
+            LatentCache.open(cache_dir).check(pass_settings(trainer, encoder, images), images.class_mapping.to_json(),
+                                              images.describe()["fingerprint"])
+        except StoreMismatchError:
+            shutil.rmtree(cache_dir)
     trainer.predict(encoder, datamodule=images, return_predictions=False)
     cache = LatentCache.open(cache_dir)
     cache.require_complete()
@@ -129,7 +129,8 @@ def d4m_prototypes(cache: LatentCache, mapping: ClassMapping, ipc: int, options:
         for label, rows in cache.rows_by_class().items():
             latents = cache.latents_of(rows)
             folder = mapping.folders[label]
-            flat = latents.reshape(len(latents), -1).numpy()[stream_order(len(latents), options.order, seed, folder)]
+            flat = latents.reshape(len(latents), -1).float().numpy()[stream_order(len(latents), options.order, seed,
+                                                                                  folder)]
             centres = kmeans_prototypes(flat, ipc, options.kmeans, options.km_expand, seed, options.leftover)
             prototypes[folder] = torch.from_numpy(centres).float().view(ipc, *latents.shape[1:])
         path.parent.mkdir(exist_ok=True)
