@@ -22,21 +22,17 @@ import time
 from patchdd.cli import COMMANDS, TRAINER_COMMANDS
 
 
+def seconds(argv: list[str], cache_home: str) -> float:
+    """Wall time of ``python ARGV`` in its own process with ``XDG_CACHE_HOME=cache_home``."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *argv], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=os.environ | {"XDG_CACHE_HOME": cache_home})
+    return time.perf_counter() - start
+
+
 def help_seconds(command: str, cache_home: str) -> float:
-    """Wall time of one ``python -m patchdd COMMAND --help`` with ``XDG_CACHE_HOME=cache_home``."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "patchdd", command, "--help"], check=True, stdout=subprocess.DEVNULL,
-                   env=os.environ | {"XDG_CACHE_HOME": cache_home})
-    return time.perf_counter() - start
-
-
-def build_cache(cache_home: str) -> float:
-    """Wall time of ``build_help_cache`` in its own process, as ``make setup`` runs it."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from patchdd.cli import build_help_cache; build_help_cache()"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env=os.environ | {"XDG_CACHE_HOME": cache_home})
-    return time.perf_counter() - start
+    """Wall time of one ``python -m patchdd COMMAND --help``."""
+    return seconds(["-m", "patchdd", command, "--help"], cache_home)
 
 
 def main() -> None:
@@ -50,7 +46,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as empty:
                 cold[command].append(help_seconds(command, empty))
     with tempfile.TemporaryDirectory() as cache_home:
-        build = build_cache(cache_home)
+        build = seconds(["-c", "from patchdd.cli import build_help_cache; build_help_cache()"], cache_home)
         cached = {c: statistics.median(help_seconds(c, cache_home) for _ in range(args.repeats)) for c in commands}
     print(f"`patchdd COMMAND --help`, a new process per call, {platform.machine()}, {os.cpu_count()} cores, "
           f"median of {args.repeats}; build_help_cache (make setup) took {build:.1f} s\n")

@@ -399,10 +399,10 @@ def test_a_cpu_process_group_is_destroyed_before_the_interpreter_exits(tmp_path)
     import subprocess
     import sys
 
-    script = (f"import atexit, torch.distributed as dist, patchdd.lightning_modules\n"
+    script = ("import atexit, torch.distributed as dist, patchdd.lightning_modules\n"
               f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
-              f"atexit._run_exitfuncs()\n"
-              f"print(dist.is_initialized())")
+              "atexit._run_exitfuncs()\n"
+              "print(dist.is_initialized())")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

@@ -129,8 +129,8 @@ def d4m_prototypes(cache: LatentCache, mapping: ClassMapping, ipc: int, options:
         for label, rows in cache.rows_by_class().items():
             latents = cache.latents_of(rows)
             folder = mapping.folders[label]
-            flat = latents.reshape(len(latents), -1).float().numpy()[stream_order(len(latents), options.order, seed,
-                                                                                  folder)]
+            order = stream_order(len(latents), options.order, seed, folder)
+            flat = latents.reshape(len(latents), -1).float().numpy()[order]
             centres = kmeans_prototypes(flat, ipc, options.kmeans, options.km_expand, seed, options.leftover)
             prototypes[folder] = torch.from_numpy(centres).float().view(ipc, *latents.shape[1:])
         path.parent.mkdir(exist_ok=True)
